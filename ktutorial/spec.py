@@ -1,0 +1,250 @@
+"""ModelSpec: the shape of a MiniMax-M2-family model, read from its config.json, and the sizes
+that follow from it (expert bytes, KV bytes a token, what one decoded token reads).
+
+Sizes are in bytes (`*_bytes`); `GB` in this project means 10**9 bytes, as disk and model
+cards count them. Nothing here imports torch: a plan can be made on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+GB = 10**9
+
+# The fields a MiniMax-M2 config must carry for the arithmetic below.
+REQUIRED_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+
+FP8_BYTES = 1
+BF16_BYTES = 2
+SCALE_BYTES = 4  # weight_scale_inv is float32, one per [block x block] tile
+
+
+class SpecError(ValueError):
+    """A config.json that does not describe a MiniMax-M2-family model."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    model_type: str
+    hidden_size: int
+    expert_intermediate_size: int
+    num_layers: int
+    num_experts: int
+    experts_per_token: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rotary_dim: int
+    tie_word_embeddings: bool = False
+    # None when the checkpoint is not block-FP8 (then experts are counted in bf16).
+    fp8_block: tuple[int, int] | None = (128, 128)
+    max_position_embeddings: int = 0
+
+    # --- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], name: str = "model") -> "ModelSpec":
+        missing = [f for f in REQUIRED_FIELDS if f not in config]
+        if missing:
+            raise SpecError(
+                f"config.json of {name!r} lacks field(s) {', '.join(missing)}: "
+                "is it the config.json of a MiniMax-M2-family model (model_type minimax_m2)?"
+            )
+        for f in REQUIRED_FIELDS[1:]:
+            v = config[f]
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise SpecError(f"config.json field {f!r} must be a positive integer, got {v!r}")
+        qc = config.get("quantization_config") or {}
+        block = None
+        if qc.get("quant_method") == "fp8":
+            b = qc.get("weight_block_size")
+            if not b or len(b) != 2:
+                raise SpecError("quantization_config.weight_block_size must be [rows, cols] for fp8")
+            block = (int(b[0]), int(b[1]))
+        head_dim = int(config["head_dim"])
+        return cls(
+            name=name,
+            model_type=str(config["model_type"]),
+            hidden_size=config["hidden_size"],
+            expert_intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_experts=config["num_local_experts"],
+            experts_per_token=config["num_experts_per_tok"],
+            num_attention_heads=config["num_attention_heads"],
+            num_kv_heads=config["num_key_value_heads"],
+            head_dim=head_dim,
+            vocab_size=config["vocab_size"],
+            rotary_dim=int(config.get("rotary_dim", head_dim)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            fp8_block=block,
+            max_position_embeddings=int(config.get("max_position_embeddings", 0)),
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, name: str | None = None) -> "ModelSpec":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise SpecError(
+                f"{path} not found: point --model-dir at the folder holding the checkpoint's "
+                "config.json (ktutorial download fetches it)"
+            )
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{path} is not valid JSON ({exc}); download it again") from exc
+        return cls.from_config(config, name=name or Path(model_dir).name)
+
+    @classmethod
+    def known(cls, name: str) -> "ModelSpec":
+        """The spec of a model that ships with the package (no download needed)."""
+        return cls.from_config(known_model(name)["config"], name=name)
+
+    # --- derived sizes --------------------------------------------------------------------
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.fp8_block is not None
+
+    def _linear_bytes(self, rows: int, cols: int) -> int:
+        """Bytes of one [rows, cols] linear weight as the checkpoint stores it."""
+        if self.fp8_block is None:
+            return rows * cols * BF16_BYTES
+        br, bc = self.fp8_block
+        scales = -(-rows // br) * -(-cols // bc)
+        return rows * cols * FP8_BYTES + scales * SCALE_BYTES
+
+    @property
+    def expert_bytes(self) -> int:
+        """One expert: w1 (gate) and w3 (up) [I, H], w2 (down) [H, I], with their scales."""
+        h, i = self.hidden_size, self.expert_intermediate_size
+        return 2 * self._linear_bytes(i, h) + self._linear_bytes(h, i)
+
+    @property
+    def layer_expert_bytes(self) -> int:
+        return self.num_experts * self.expert_bytes
+
+    @property
+    def all_expert_bytes(self) -> int:
+        return self.num_layers * self.layer_expert_bytes
+
+    @property
+    def decode_expert_bytes_per_token(self) -> int:
+        """Expert weights one decoded token reads: top-k experts in every layer."""
+        return self.num_layers * self.experts_per_token * self.expert_bytes
+
+    @property
+    def q_width(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def attention_params_per_layer(self) -> int:
+        h = self.hidden_size
+        return h * self.q_width + 2 * h * self.kv_width + self.q_width * h
+
+    @property
+    def attention_bytes_per_layer(self) -> int:
+        """q/k/v/o projections (FP8 in the checkpoint) plus norms and the router (bf16/fp32)."""
+        h = self.hidden_size
+        proj = (
+            self._linear_bytes(self.q_width, h)
+            + 2 * self._linear_bytes(self.kv_width, h)
+            + self._linear_bytes(h, self.q_width)
+        )
+        norms = (2 * h + self.q_width + self.kv_width) * BF16_BYTES
+        router = h * self.num_experts * BF16_BYTES + self.num_experts * SCALE_BYTES
+        return proj + norms + router
+
+    @property
+    def embedding_params(self) -> int:
+        n = self.vocab_size * self.hidden_size
+        return n if self.tie_word_embeddings else 2 * n
+
+    @property
+    def embedding_bytes(self) -> int:
+        """Embedding and lm_head, which stay bf16 (unquantized) in the checkpoint."""
+        return self.embedding_params * BF16_BYTES + self.hidden_size * BF16_BYTES
+
+    @property
+    def dense_bytes(self) -> int:
+        """Everything that is not an expert: what must sit on the GPU whatever the split."""
+        return self.num_layers * self.attention_bytes_per_layer + self.embedding_bytes
+
+    def kv_bytes_per_token(self, dtype: str = "bf16") -> int:
+        """KV cache a token takes in every layer: K and V, each kv_heads x head_dim."""
+        per_elem = {"bf16": 2, "fp16": 2, "auto": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+        if dtype not in per_elem:
+            raise SpecError(f"unknown KV cache dtype {dtype!r}; use one of {sorted(per_elem)}")
+        return self.num_layers * self.kv_width * 2 * per_elem[dtype]
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        return self.all_expert_bytes + self.dense_bytes
+
+    @property
+    def total_params(self) -> int:
+        h, i = self.hidden_size, self.expert_intermediate_size
+        experts = self.num_layers * self.num_experts * 3 * h * i
+        return experts + self.num_layers * self.attention_params_per_layer + self.embedding_params
+
+    @property
+    def active_params(self) -> int:
+        h, i = self.hidden_size, self.expert_intermediate_size
+        experts = self.num_layers * self.experts_per_token * 3 * h * i
+        return experts + self.num_layers * self.attention_params_per_layer + self.embedding_params
+
+    def summary(self) -> dict[str, Any]:
+        """The derived sizes, named with their units, for tables and records."""
+        return {
+            "name": self.name,
+            "layers": self.num_layers,
+            "experts_per_layer": self.num_experts,
+            "experts_per_token": self.experts_per_token,
+            "total_params_b": round(self.total_params / 1e9, 2),
+            "active_params_b": round(self.active_params / 1e9, 2),
+            "expert_mb": round(self.expert_bytes / 1e6, 2),
+            "layer_experts_gb": round(self.layer_expert_bytes / GB, 3),
+            "all_experts_gb": round(self.all_expert_bytes / GB, 1),
+            "dense_gb": round(self.dense_bytes / GB, 2),
+            "checkpoint_gb": round(self.checkpoint_bytes / GB, 1),
+            "kv_bytes_per_token_bf16": self.kv_bytes_per_token("bf16"),
+            "kv_bytes_per_token_fp8": self.kv_bytes_per_token("fp8"),
+            "decode_expert_gb_per_token": round(self.decode_expert_bytes_per_token / GB, 2),
+        }
+
+
+def known_models() -> list[str]:
+    root = resources.files("ktutorial") / "data" / "models"
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+
+
+def known_model(name: str) -> dict[str, Any]:
+    """config.json and model.json of a model that ships with the package."""
+    names = known_models()
+    if name not in names:
+        raise SpecError(f"unknown model {name!r}; known models: {', '.join(names)}")
+    root = resources.files("ktutorial") / "data" / "models" / name
+    return {
+        "config": json.loads((root / "config.json").read_text()),
+        **json.loads((root / "model.json").read_text()),
+    }
