@@ -11,7 +11,10 @@ KT_KERNEL_SPEC ?= kt-kernel==0.7.2
 PROFILE ?= tiny
 OUT ?= build
 
-.PHONY: setup tutorial test selftest docs clean sglang-parser-env
+TOOLS ?= .tools
+export PATH := $(CURDIR)/$(TOOLS)/node_modules/.bin:$(PATH)
+
+.PHONY: setup tutorial test selftest docs clean sglang-parser-env tools
 
 $(BIN)/ktutorial: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,8 +33,17 @@ tutorial: setup
 selftest: setup
 	$(BIN)/ktutorial selftest
 
-test: setup
+test: setup tools sglang-parser-env
 	$(BIN)/python -m pytest -q
+
+# The Claude Code CLI, installed project-local from npm (owner: claude code section).
+tools:
+	@echo "tools: nothing yet"
+
+# A second venv holding sglang-kt's argument parser, to validate rendered commands
+# (owner: check-and-plan section).
+sglang-parser-env:
+	@echo "sglang-parser-env: nothing yet"
 
 clean:
 	rm -rf $(OUT) site

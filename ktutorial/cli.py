@@ -19,6 +19,7 @@ from ktutorial.errors import UserError
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
     help="Serve MiniMax-M2.1 with SGLang + KT-Kernel on one workstation, reproducibly.",
 )
 console = Console()
@@ -31,6 +32,14 @@ def print_json(obj) -> None:
 
 
 # ==== section: foundation (spec, tiny, selftest) ===========================================
+@app.command()
+def version() -> None:
+    """Print ktutorial's version."""
+    from ktutorial import __version__
+
+    print(__version__)
+
+
 # ==== end section: foundation ===============================================================
 
 # ==== section: check, plan and fetch (hardware, plan, doctor, download, verify) ============
@@ -52,24 +61,20 @@ def print_json(obj) -> None:
 # ==== end section: tutorial =================================================================
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+@app.callback()
+def _root() -> None:
+    """Serve MiniMax-M2.1 with SGLang + KT-Kernel on one workstation, reproducibly."""
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone mode: click prints usage errors and turns typer.Exit into exit codes.
+        app(args=argv, prog_name="ktutorial")
     except UserError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise SystemExit(2) from None
-    except typer.Abort:
-        raise SystemExit(130) from None
-    except SystemExit:
-        raise
-    except Exception as exc:  # click's own usage errors come through here
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        raise
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""Shared fixtures. Every test runs with KTUTORIAL_HOME in a temp folder, so no test reads
+or writes the reader's own cache, run state or settings."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ktutorial_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("ktutorial-home")
+    old = os.environ.get("KTUTORIAL_HOME")
+    os.environ["KTUTORIAL_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("KTUTORIAL_HOME", None)
+    else:
+        os.environ["KTUTORIAL_HOME"] = old
