@@ -37,13 +37,48 @@ test: setup tools sglang-parser-env
 	$(BIN)/python -m pytest -q
 
 # The Claude Code CLI, installed project-local from npm (owner: claude code section).
-tools:
-	@echo "tools: nothing yet"
+# Pinned: 2.1.197 is what Node 20 gets and the version the tests were run with; newer ones
+# want Node 22. --save-exact keeps a later `npm install` in .tools from drifting past the pin.
+CLAUDE_CODE_VERSION ?= 2.1.197
+CLAUDE_STAMP := $(TOOLS)/.claude-code-$(CLAUDE_CODE_VERSION)
+
+tools: $(CLAUDE_STAMP)
+
+$(CLAUDE_STAMP):
+	@command -v npm >/dev/null || { echo "tools: npm is missing: install Node.js 20+ (apt-get install nodejs npm)"; exit 1; }
+	@echo "tools: installing @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) into $(TOOLS)/"
+	@npm install --prefix $(TOOLS) --save-exact --no-audit --no-fund --loglevel=error \
+		"@anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)" >/dev/null
+	@$(TOOLS)/node_modules/.bin/claude --version >/dev/null
+	touch $@
 
 # A second venv holding sglang-kt's argument parser, to validate rendered commands
-# (owner: check-and-plan section).
-sglang-parser-env:
-	@echo "sglang-parser-env: nothing yet"
+# (owner: check-and-plan section). sglang-kt pins a CUDA torch and GPU kernels; its parser needs
+# none of them, so the package and the modules `sglang.srt.server_args` imports go in --no-deps
+# beside the CPU torch (FACTS.md). The stamp names the list's version: bump it when the list changes.
+SGLANG_VENV ?= .venv-sglang
+SGLANG_KT_SPEC ?= sglang-kt==0.7.2
+# transformers-kt imports torchvision; this is the build made for TORCH_SPEC (change them together).
+# Its ops library cannot load beside CPU torch: the parser check registers the two schemas it needs.
+TORCHVISION_SPEC ?= torchvision==0.28.0
+SGLANG_PARSER_DEPS := transformers-kt==5.6.0.post6 numpy tqdm pybase64 requests urllib3 idna \
+	certifi IPython traitlets pygments pydantic pydantic-core typing-inspection annotated-types \
+	aiohttp multidict attrs yarl propcache aiohappyeyeballs aiosignal frozenlist orjson packaging \
+	regex "huggingface-hub<2" "tokenizers>=0.22,<=0.23.0" safetensors pyyaml httpx httpcore h11 anyio sniffio psutil \
+	triton pyzmq pillow starlette jsonschema referencing rpds-py jsonschema-specifications \
+	openai==2.6.1 distro partial-json-parser dill sentencepiece "$(TORCHVISION_SPEC)"
+SGLANG_STAMP := $(SGLANG_VENV)/.ktutorial-parser-env-2
+
+sglang-parser-env: $(SGLANG_STAMP)
+
+$(SGLANG_STAMP):
+	@echo "sglang-parser-env: installing sglang-kt's argument parser into $(SGLANG_VENV) (a few minutes, once)"
+	@test -x $(SGLANG_VENV)/bin/python || $(PYTHON) -m venv $(SGLANG_VENV)
+	@# pip's output goes to a log, shown only if it fails (this keeps `make test` readable)
+	@$(SGLANG_VENV)/bin/python -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)" >$(SGLANG_VENV)/pip.log 2>&1 \
+	  && $(SGLANG_VENV)/bin/python -m pip install -q --no-deps "$(SGLANG_KT_SPEC)" $(SGLANG_PARSER_DEPS) \
+	  >>$(SGLANG_VENV)/pip.log 2>&1 || { cat $(SGLANG_VENV)/pip.log; exit 1; }
+	@touch $@
 
 clean:
 	rm -rf $(OUT) site

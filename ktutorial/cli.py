@@ -40,21 +40,821 @@ def version() -> None:
     print(__version__)
 
 
+@app.command()
+def tiny(
+    out: str = typer.Option(..., "--out", help="Folder to write hf/ and gguf/model.gguf into."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
+    force: bool = typer.Option(False, "--force", help="Overwrite hf/ and gguf/ in a non-empty folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the paths as JSON."),
+) -> None:
+    """Generate the tiny MiniMax-M2-architecture model (HF FP8 folder + GGUF) from a seed."""
+    from ktutorial import tiny as tiny_mod
+
+    model = tiny_mod.generate(out, seed=seed, force=force)
+    info = {"hf_dir": str(model.hf_dir), "gguf_path": str(model.gguf_path), "seed": seed,
+            "served_model_name": model.served_model_name}
+    if as_json:
+        print_json(info)
+    else:
+        console.print(f"tiny model (seed {seed}): {model.hf_dir} and {model.gguf_path}", highlight=False)
+
+
 # ==== end section: foundation ===============================================================
 
 # ==== section: check, plan and fetch (hardware, plan, doctor, download, verify) ============
+@app.command("doctor")
+def doctor_cmd(
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    disk_path: str = typer.Option("~/models", "--disk-path", help="Where the checkpoint would go (free disk is checked there)."),
+) -> None:
+    """This machine against the MiniMax-M2.1 tutorial's needs, each missing thing with its fix,
+    and whether the tiny profile runs here. Exits 1 only when the tiny profile cannot run."""
+    import os
+
+    from rich.table import Table
+
+    from ktutorial.doctor import doctor
+
+    report = doctor(disk_path=os.path.expanduser(disk_path))
+    if json_out:
+        print_json(report.as_dict())
+    else:
+        table = Table("check", "status", "found", "needed", "fix", title="ktutorial doctor")
+        colors = {"ok": "green", "missing": "red", "warn": "yellow"}
+        for c in report.checks:
+            table.add_row(c.item, f"[{colors[c.status]}]{c.status}[/]", c.found, c.need, c.fix)
+        console.print(table)
+        for line in report.summary:
+            console.print(line, highlight=False)
+    if not report.tiny_ready:
+        raise typer.Exit(1)
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Option("minimax-m2.1", "--model", help="A known model (ktutorial ships its config)."),
+    model_dir: Optional[str] = typer.Option(None, "--model-dir", help="A downloaded checkpoint folder (reads its config.json)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Describe a GPU: NAME:GB, e.g. 'RTX 5090:32' (the maker's GB, i.e. GiB)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="How many of --gpu."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size (default: the most GPUs the model splits over)."),
+    ram_gb: Optional[float] = typer.Option(None, "--ram-gb", help="Describe host RAM in GB (default for a described machine: 256)."),
+    cpu_cores: Optional[int] = typer.Option(None, "--cpu-cores", help="Describe physical CPU cores (default 32)."),
+    logical_cpus: Optional[int] = typer.Option(None, "--logical-cpus", help="Describe logical CPUs when SMT is on (default: = cores)."),
+    numa_nodes: Optional[int] = typer.Option(None, "--numa-nodes", help="Describe NUMA nodes (default 1)."),
+    cpu_flags: Optional[str] = typer.Option(None, "--cpu-flags", help="Describe CPU flags: avx2,avx512f,avx512bw,avx512_vnni,avx512_vbmi,avx512_bf16,amx_tile,..."),
+    context_tokens: Optional[int] = typer.Option(None, "--context-tokens", help="Longest context one request must fit (default 65536)."),
+    kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV cache: bf16 or fp8 (half the bytes)."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Fix a setting: FLAG=VALUE (sglang-kt flag name); repeat it."),
+    json_out: bool = typer.Option(False, "--json", help="Print {verdict, reasons, settings, memory, command} as JSON."),
+) -> None:
+    """Launch settings for SGLang + KT with a reason each, where the memory goes, and whether it
+    fits. Plans for this machine unless you describe one (--gpu, --ram-gb, ...). Exits 1 when it
+    does not fit."""
+    from rich.table import Table
+
+    from ktutorial.doctor import plan_for
+    from ktutorial.engines import sglang_kt
+
+    plan = plan_for(model=model, model_dir=model_dir, gpu=gpu, gpus=gpus, tp=tp, ram_gb=ram_gb,
+                    cpu_cores=cpu_cores, numa_nodes=numa_nodes, cpu_flags=cpu_flags,
+                    context_tokens=context_tokens, kv_dtype=kv_dtype, sets=sets, logical_cpus=logical_cpus)
+    # A plan that fits renders a validated command; one that does not still shows what it would run.
+    try:
+        command = sglang_kt.render_command(plan, python="python")
+    except sglang_kt.SettingsError:
+        if plan.fits:
+            raise
+        command = None
+    env = sglang_kt.render_env(plan)
+    if json_out:
+        print_json({**plan.as_dict(), "command": command, "env": env,
+                    "shell": sglang_kt.command_line(command, env) if command else None})
+    else:
+        console.print(f"[bold]{plan.spec.name}[/] on {plan.hardware.label()} ({plan.hardware.source})", highlight=False)
+        table = Table("flag", "value", "why", title="launch settings")
+        for flag, s in plan.settings.items():
+            table.add_row(f"--{flag}", str(s.value) + (" (yours)" if s.source == "you" else ""), s.reason)
+        console.print(table)
+        gpu_mem = plan.memory["gpu"]
+        mem = Table("per GPU", "GiB", title=f"VRAM per GPU (TP {gpu_mem['tp']}, {gpu_mem['kv_pool_tokens']:,}-token KV pool)")
+        for part, value in gpu_mem["per_gpu_gib"].items():
+            mem.add_row(part.replace("_", " "), f"{value:.2f}")
+        mem.add_row("[bold]needed[/]", f"[bold]{gpu_mem['needed_gib']:.2f}[/] of {gpu_mem['capacity_gib']:g}")
+        host = Table("host", "GB", title="host RAM")
+        for part, value in plan.memory["host"]["parts_gb"].items():
+            host.add_row(part.replace("_", " "), f"{value:.1f}")
+        host.add_row("[bold]needed[/]", f"[bold]{plan.memory['host']['needed_gb']:.1f}[/] of {plan.hardware.ram_gb:.0f}")
+        console.print(mem)
+        console.print(host)
+        color = "green" if plan.fits else "red"
+        console.print(f"verdict: [bold {color}]{plan.verdict}[/]", highlight=False)
+        for reason in plan.reasons:
+            console.print(f"  - {reason}", highlight=False, soft_wrap=True)
+        for note in plan.notes:
+            console.print(f"  note: {note}", highlight=False, soft_wrap=True)
+        if command is not None:
+            console.print("command:", highlight=False)
+            print(sglang_kt.command_line(command, env))
+    if not plan.fits:
+        raise typer.Exit(1)
+
+
+@app.command("download")
+def download_cmd(
+    local_dir: str = typer.Option(..., "--local-dir", help="Folder to download into (created if needed)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A known model, e.g. minimax-m2.1."),
+    repo: Optional[str] = typer.Option(None, "--repo", help="Any hub repo ORG/NAME, instead of --model."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit (default: the model's)"),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub URL (default: HF_ENDPOINT or huggingface.co)"),
+    include: Optional[list[str]] = typer.Option(None, "--include", help="Glob of files to fetch; repeat it."),
+    workers: int = typer.Option(8, "--workers", help="Files fetched in parallel."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be fetched and whether it fits."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Download a model from the Hugging Face hub: checks free disk first, resumes, keeps a manifest
+    for `ktutorial verify`. The token comes from HF_TOKEN and is never printed."""
+    from ktutorial import download as dl
+
+    if (model is None) == (repo is None):
+        raise UserError("pass exactly one of --model NAME (e.g. --model minimax-m2.1) or --repo ORG/NAME")
+    repo_id, default_rev = dl.repo_for_model(model) if model else (repo, "main")
+    revision = revision or default_rev
+    if dry_run:
+        plan = dl.plan_download(repo_id, local_dir, revision, include, endpoint)
+        if json_out:
+            print_json(plan.summary())
+        else:
+            for k, v in plan.summary().items():
+                console.print(f"{k:>18}  {v}", highlight=False)
+            if not plan.fits:
+                console.print(f"[bold red]{plan.refusal()}[/]", highlight=False)
+        raise typer.Exit(0 if plan.fits else 1)
+    result = dl.download(repo_id, local_dir, revision, include, max_workers=workers, endpoint=endpoint)
+    if json_out:
+        print_json(result.summary())
+        return
+    s = result.summary()
+    console.print(
+        f"[green]downloaded[/] {repo_id}@{result.commit[:12]} into {result.local_dir}: "
+        f"{result.files} files, {dl.format_bytes(result.bytes_total)} "
+        f"({result.files_fetched} fetched, {dl.format_bytes(result.bytes_fetched)}"
+        + (f", {s['fetched_mb_per_s']} MB/s" if s["fetched_mb_per_s"] else "")
+        + f"); check it with: ktutorial verify {result.local_dir}",
+        highlight=False,
+    )
+
+
+@app.command("verify")
+def verify_cmd(
+    model_dir: str = typer.Argument(..., help="The folder ktutorial download wrote."),
+    sha256: bool = typer.Option(False, "--sha256", help="Also compare checksums with the hub's (reads every byte)"),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check a downloaded checkpoint: shards present and of the hub's size, headers readable, every
+    expert tensor of every layer present. Exits 1 naming each bad file."""
+    from rich.table import Table
+
+    from ktutorial import download as dl
+
+    report = dl.verify(model_dir, check_sha256=sha256)
+    if json_out:
+        print_json(report.to_dict())
+    else:
+        for note in report.notes:
+            console.print(f"note: {note}", highlight=False)
+        if report.ok:
+            console.print(
+                f"[green]ok[/] {model_dir}: {report.files_checked} files, {report.shards_checked} shards, "
+                f"{report.tensors_checked} tensors, {report.expert_tensors_expected} expert tensors, "
+                f"{report.sha256_checked} checksums",
+                highlight=False,
+            )
+        else:
+            title = f"verify {model_dir}: {len(report.bad_files)} bad file(s)"
+            table = Table("file", "problem", "detail", title=title)
+            for p in report.problems:
+                table.add_row(p.path, p.kind, p.detail)
+            console.print(table)
+            console.print("fix: run the same `ktutorial download` again (it refetches files of the wrong "
+                          "size); for a checksum mismatch delete the file first", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 # ==== end section: check, plan and fetch ====================================================
 
 # ==== section: serve and talk (serve, stop, status, chat) ==================================
+def _print_launch(launch) -> None:
+    plan = launch.plan
+    if plan is not None:
+        console.print(f"[bold]{plan.spec.name}[/] on {plan.hardware.label()} ({plan.hardware.source})", highlight=False)
+        color = "green" if plan.fits else "red"
+        console.print(f"verdict: [bold {color}]{plan.verdict}[/]", highlight=False)
+        for reason in plan.reasons:
+            console.print(f"  - {reason}", highlight=False, soft_wrap=True)
+        for flag, setting in plan.settings.items():
+            console.print(f"  --{flag} {setting.value}: {setting.reason}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]{launch.engine}[/] command (served as {launch.model!r}):", highlight=False)
+    print(launch.shell())
+
+
+@app.command("serve")
+def serve_cmd(
+    profile: str = typer.Option("tiny", "--profile", help="tiny, minimax-m2.1, or a profile .yaml."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port on 127.0.0.1 (default: a free one)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the validated command (and plan); start nothing."),
+    detach: bool = typer.Option(False, "--detach", help="Leave it running in the background; `ktutorial stop` ends it."),
+    reuse: bool = typer.Option(False, "--reuse", help="If a server for this profile already runs, use it."),
+    ready_timeout: Optional[float] = typer.Option(None, "--ready-timeout", help="Seconds to wait until it answers."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="llama.cpp: CPU threads (profile's default)."),
+    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="llama.cpp: context tokens."),
+    llama_server: Optional[str] = typer.Option(None, "--llama-server", help="llama.cpp: a llama-server binary instead of xllamacpp."),
+    cpu_moe: bool = typer.Option(False, "--cpu-moe", help="llama.cpp: all MoE experts in host memory."),
+    n_cpu_moe: Optional[int] = typer.Option(None, "--n-cpu-moe", help="llama.cpp: experts of the first N layers in host memory."),
+    override_tensor: Optional[list[str]] = typer.Option(None, "--override-tensor", help="llama.cpp: REGEX=BUFFER, e.g. exps=CPU; repeat it."),
+    n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", help="llama.cpp: layers on the GPU (default: all that fit)."),
+    no_op_offload: bool = typer.Option(False, "--no-op-offload", help="llama.cpp: no GPU offload of host-resident weights' matmuls."),
+    reasoning_format: str = typer.Option("deepseek", "--reasoning-format", help="llama.cpp: deepseek (split reasoning off) or none (inline <think>)."),
+    model_dir: Optional[str] = typer.Option(None, "--model-dir", help="SGLang: the checkpoint folder (default: the profile's)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="SGLang plan: describe a GPU, NAME:GB, e.g. 'RTX 5090:32'."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="SGLang plan: how many of --gpu."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="SGLang plan: tensor-parallel size."),
+    ram_gb: Optional[float] = typer.Option(None, "--ram-gb", help="SGLang plan: describe host RAM in GB."),
+    cpu_cores: Optional[int] = typer.Option(None, "--cpu-cores", help="SGLang plan: describe physical CPU cores."),
+    logical_cpus: Optional[int] = typer.Option(None, "--logical-cpus", help="SGLang plan: describe logical CPUs."),
+    numa_nodes: Optional[int] = typer.Option(None, "--numa-nodes", help="SGLang plan: describe NUMA nodes."),
+    cpu_flags: Optional[str] = typer.Option(None, "--cpu-flags", help="SGLang plan: describe CPU flags, e.g. avx2,avx512f,avx512_bf16."),
+    context_tokens: Optional[int] = typer.Option(None, "--context-tokens", help="SGLang plan: longest context to fit (default: the profile's)."),
+    kv_dtype: Optional[str] = typer.Option(None, "--kv-dtype", help="SGLang plan: bf16 or fp8."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="SGLang plan: fix a setting FLAG=VALUE; repeat it."),
+    json_out: bool = typer.Option(False, "--json", help="Print the server (or the dry-run launch) as JSON."),
+) -> None:
+    """Start a model server for a profile: llama.cpp for tiny, SGLang + KT for minimax-m2.1
+    (planned for this machine, or for one described with the plan options, as `ktutorial plan`).
+
+    Without --detach it runs in the foreground until Ctrl-C, then stops the server."""
+    import signal as _signal
+    import time as _time
+
+    from ktutorial import server as srv
+
+    plan_options = dict(
+        model_dir=model_dir, gpu=gpu, gpus=gpus, tp=tp, ram_gb=ram_gb, cpu_cores=cpu_cores,
+        logical_cpus=logical_cpus, numa_nodes=numa_nodes, cpu_flags=cpu_flags, context_tokens=context_tokens,
+        kv_dtype=kv_dtype, sets=sets,
+    )
+    options = dict(
+        threads=threads, ctx_size=ctx_size, llama_server=llama_server, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
+        override_tensor=override_tensor, n_gpu_layers=n_gpu_layers, op_offload=False if no_op_offload else None,
+        reasoning_format=reasoning_format, ready_timeout_s=ready_timeout,
+        plan_options={k: v for k, v in plan_options.items() if v is not None},
+    )
+    if dry_run:
+        launch = srv.prepare(profile, port, dry_run=True, **options)
+        if json_out:
+            print_json({"engine": launch.engine, "model": launch.model, "command": launch.command,
+                        "env": launch.env, "shell": launch.shell(),
+                        "plan": launch.plan.as_dict() if launch.plan is not None else None})
+        else:
+            _print_launch(launch)
+        return
+    server = srv.serve(profile, port, detach=detach, reuse=reuse, **options)
+    if json_out:
+        print_json(server.state())
+    else:
+        console.print(
+            f"[green]ready[/] {server.engine} serving {server.model!r} at {server.base_url} "
+            f"(pid {server.pid}; log {server.log_path})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if detach or not server.owned:  # detached, or found running (--reuse): leave it be
+        if not json_out:
+            console.print("stop it with: ktutorial stop", highlight=False)
+        return
+
+    def _interrupt(signum, frame):  # SIGTERM to this command stops the server like Ctrl-C
+        raise KeyboardInterrupt
+
+    _signal.signal(_signal.SIGTERM, _interrupt)
+    err_console.print("serving in the foreground; Ctrl-C stops it", highlight=False)
+    try:
+        while server.is_alive():
+            _time.sleep(0.5)
+        rc = server.returncode()
+        err_console.print(f"[bold red]error:[/] the server exited (code {rc}); log: {server.log_path}", highlight=False)
+        for diagnosis in server.diagnoses(rc):
+            err_console.print(f"  - {diagnosis}", highlight=False)
+        server.stop()
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        server.stop()
+        err_console.print(f"stopped {server.engine} pid {server.pid}", highlight=False)
+
+
+@app.command("stop")
+def stop_cmd(
+    all_servers: bool = typer.Option(False, "--all", help="Stop every server ktutorial started."),
+    pid: Optional[int] = typer.Option(None, "--pid", help="Only the server with this pid."),
+    port: Optional[int] = typer.Option(None, "--port", help="Only the server on this port."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Stop the running server (its whole process group), including one a crashed notebook left."""
+    from ktutorial import server as srv
+
+    stopped = srv.stop_servers(all=all_servers, pid=pid, port=port)
+    if json_out:
+        print_json(stopped)
+        return
+    if not stopped:
+        console.print("no running server", highlight=False)
+    for entry in stopped:
+        console.print(f"stopped {entry['engine']} pid {entry['pid']} at {entry['base_url']}", highlight=False)
+
+
+@app.command("status")
+def status_cmd(json_out: bool = typer.Option(False, "--json", help="Print the servers as JSON.")) -> None:
+    """List running servers: engine, pid, base URL, model, profile."""
+    from rich.table import Table
+
+    from ktutorial import server as srv
+
+    entries = srv.running()
+    if json_out:
+        print_json(entries)
+        return
+    if not entries:
+        console.print("no running server (start one: ktutorial serve --profile tiny --detach)", highlight=False)
+        return
+    table = Table("engine", "pid", "base URL", "model", "profile", "started (UTC)")
+    for column in table.columns:
+        column.overflow = "fold"  # URLs and names whole, on two lines if need be
+    for e in entries:
+        table.add_row(e["engine"], str(e["pid"]), e["base_url"], e["model"], str(e.get("profile")),
+                      e.get("started_utc") or "")
+    console.print(table)
+    for e in entries:
+        console.print(f"log of pid {e['pid']}: {e.get('log_path')}", highlight=False, soft_wrap=True)
+
+
+@app.command("chat")
+def chat_cmd(
+    text: str = typer.Argument(..., help="What to say."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="Server URL (default: the running server)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Served model name (default: the server's)."),
+    anthropic: bool = typer.Option(False, "--anthropic", help="Use the Anthropic Messages API (/v1/messages)."),
+    stream: bool = typer.Option(False, "--stream", help="Print the reply as it arrives."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt."),
+    max_tokens: int = typer.Option(512, "--max-tokens"),
+    hide_reasoning: bool = typer.Option(False, "--hide-reasoning", help="Print only the answer."),
+    json_out: bool = typer.Option(False, "--json", help="Print the whole result as JSON."),
+) -> None:
+    """Send one message to a served model and print the reasoning (dim) and the answer."""
+    import dataclasses
+
+    from ktutorial import client
+
+    shown: dict[str, bool] = {"reasoning": False, "content": False}
+
+    def on_delta(kind: str, piece: str) -> None:
+        if kind == "reasoning" and hide_reasoning:
+            return
+        if kind == "content" and shown["reasoning"] and not shown["content"]:
+            sys.stdout.write("\n")
+        shown[kind] = True
+        if kind == "reasoning":
+            console.print(piece, style="dim", end="", highlight=False, markup=False)
+        else:
+            sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    live = on_delta if (stream and not json_out) else None
+    if anthropic:
+        result = client.messages(base_url, model, text, system=system, max_tokens=max_tokens, stream=stream,
+                                 on_delta=live)
+        reasoning, answer = result.thinking, result.text
+    else:
+        result = client.chat(base_url, model, text, stream=stream, system=system, max_tokens=max_tokens,
+                             on_delta=live)
+        reasoning, answer = result.reasoning, result.content
+    if json_out:
+        print_json(dataclasses.asdict(result))
+        return
+    if live:
+        sys.stdout.write("\n")
+        return
+    if reasoning and not hide_reasoning:
+        console.print(reasoning, style="dim", highlight=False, markup=False)
+    print(answer)
+
+
 # ==== end section: serve and talk ===========================================================
 
 # ==== section: measure (bench, sweep, kernel-bench, report) ================================
+def _bench_defaults(base_url: Optional[str]):
+    """The base URL, and the bench sizes of the running server's profile (tiny: short prompts)."""
+    from ktutorial.profiles import load_profile
+
+    if base_url:
+        return base_url, None
+    from ktutorial import server
+
+    srv = server.current_server()
+    try:
+        return srv.base_url, load_profile(srv.profile) if srv.profile else None
+    except UserError:
+        return srv.base_url, None
+
+
+@app.command()
+def bench(
+    out: str = typer.Option(..., "--out", help="JSONL file; one record per measured request is appended"),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="default: the running server"),
+    input_lens: Optional[str] = typer.Option(None, "--input-lens", help="e.g. 2048,8192,32768 (default: the server's profile)"),
+    output_len: Optional[int] = typer.Option(None, "--output-len"),
+    repeats: Optional[int] = typer.Option(None, "--repeats"),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="unrecorded requests before each length"),
+    config: Optional[str] = typer.Option(None, "--config", help="label of this configuration in tables"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Single-request prefill/decode benchmark against a running server; writes records."""
+    from ktutorial import bench as benchmod
+    from ktutorial import results
+
+    url, profile = _bench_defaults(base_url)
+    defaults = profile.bench if profile else None
+    lens = benchmod.parse_lens(input_lens) if input_lens else (defaults.input_lens if defaults else [2048, 8192, 32768])
+    out_len = output_len if output_len is not None else (defaults.output_len if defaults else 512)
+    reps = repeats if repeats is not None else (defaults.repeats if defaults else 3)
+    warm = warmup if warmup is not None else (defaults.warmup if defaults else 1)
+    revision = benchmod.model_revision_for(profile) if profile else None
+    recs = benchmod.measure(url, input_lens=lens, output_len=out_len, repeats=reps, warmup=warm, out=out,
+                            config=config, model_revision=revision)
+    groups = results.compare(recs, ["input_len"], metrics=["prefill_tok_s", "decode_tok_s", "server_decode_tok_s"])
+    if as_json:
+        print_json({"out": out, "records": len(recs), "summary": groups})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{recs[0]['params']['config']} — {len(recs)} records appended to {out}")
+    for col in ("input tokens", "prefill tok/s", "decode tok/s", "decode (server)", "n"):
+        table.add_column(col, justify="right")
+    for g in groups:
+        m = g["metrics"]
+        cell = lambda s: "-" if s["mean"] is None else f"{s['mean']:.1f} ± {s['stdev']:.1f}"  # noqa: E731
+        table.add_row(str(g["key"]["input_len"]), cell(m["prefill_tok_s"]), cell(m["decode_tok_s"]),
+                      cell(m["server_decode_tok_s"]), str(g["n"]))
+    console.print(table)
+
+
+@app.command()
+def sweep(
+    spec: str = typer.Argument(..., help="sweep spec YAML, or a shipped one: tiny, minimax-m2.1"),
+    out: Optional[str] = typer.Option(None, "--out", help="JSONL records file (default: sweep-NAME.jsonl)"),
+    resume: bool = typer.Option(False, "--resume", help="skip combinations already recorded in --out"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="with --resume: run failed combinations again"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan of combinations and stop"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Serve parameters × bench parameters: one server per combination, every run recorded."""
+    from ktutorial import bench as benchmod
+
+    spec_obj = benchmod.load_sweep(spec)
+    out = out or f"sweep-{spec_obj.name}.jsonl"
+    summary = benchmod.sweep(spec_obj, out, resume=resume, dry_run=dry_run, retry_failed=retry_failed,
+                             progress=not as_json)
+    if as_json:
+        print_json(summary)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"sweep {summary['sweep']} (profile {summary['profile']}) -> {summary['out']}")
+    for col in ("#", "combination", "key", "status"):
+        table.add_column(col)
+    failed = {f["combination_key"]: f for f in summary["failed"]}
+    for i, item in enumerate(summary["plan"], 1):
+        key = item["combination_key"]
+        status = ("skip (recorded)" if item["skip"] else "planned" if dry_run
+                  else f"FAILED: {failed[key]['diagnosis']}" if key in failed else "ok")
+        combo = ", ".join(f"{k}={v}" for k, v in item["serve"].items()) or "defaults"
+        if dry_run and item.get("command"):
+            combo += f"\n[dim]{item['command']}[/]"
+        table.add_row(str(i), combo, key, status)
+    console.print(table)
+    b = summary["bench"]
+    console.print(f"bench: input lengths {b['input_lens']}, output {b['output_len']}, "
+                  f"{b['repeats']} repeats after {b['warmup']} warm-up")
+
+
+@app.command()
+def report(
+    records: list[str] = typer.Argument(..., help="records files (JSONL) or folders of them"),
+    out: str = typer.Option(..., "--out", help="folder for report.md, summary.json and the PNGs"),
+    published: bool = typer.Option(True, "--published/--no-published", help="show the published figures, labelled"),
+    plan_profile: Optional[str] = typer.Option(None, "--plan-profile", help="chart the planner's memory breakdown for this profile"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Tables (the published table's format) and charts from records."""
+    from ktutorial import report as reportmod
+
+    memory, title = (None, "")
+    if plan_profile:
+        memory, title = reportmod.planned_memory(plan_profile)
+    files = reportmod.write_report(records, out, published=published, memory=memory, memory_title=title)
+    if as_json:
+        print_json({"files": [str(f) for f in files]})
+        return
+    for f in files:
+        console.print(str(f))
+
+
+@app.command("kernel-bench")
+def kernel_bench_cmd(
+    out: str = typer.Option(..., "--out", help="JSONL file the records are appended to."),
+    threads: Optional[str] = typer.Option(None, "--threads", help="CPU thread counts, one child process each (default 4,8,12,16; --hybrid: one count, default cores - 2)."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Layers held in RAM, so no cache holds a token's experts (default 4 at m2.1 shape)."),
+    shape: str = typer.Option("m2.1", "--shape", help="m2.1 (256 experts, 3072 x 1536, top 8) or tiny (a seconds-long check)."),
+    llamacpp: bool = typer.Option(False, "--llamacpp", help="The same layer in llama.cpp: a random Q8_0 GGUF, CPU only."),
+    hybrid: bool = typer.Option(False, "--hybrid", help="One layer split: N experts on the GPU (torch), the rest on kt-kernel, at once."),
+    gpu_experts: Optional[str] = typer.Option(None, "--gpu-experts", help="--hybrid: experts on the GPU, per point (default 0,8,16,32,64,128,256)."),
+    routing: str = typer.Option("random,skewed", "--routing", help="--hybrid: random and/or skewed (zipf-like) routing."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed decode calls per point (default 200; llama.cpp 2 requests; hybrid 30)."),
+    prefill_repeats: Optional[int] = typer.Option(None, "--prefill-repeats", help="Timed prefill calls per chunk (default 2; hybrid 3)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Kernel microbenchmark at MiniMax-M2.1 layer shape: kt-kernel's FP8 MoE on the CPU (default),
+    the same layer in llama.cpp (--llamacpp), or the hybrid GPU/CPU split (--hybrid). Writes records."""
+    import os
+
+    from ktutorial import kernel_bench as kb
+
+    if llamacpp and hybrid:
+        raise UserError("pass one of --llamacpp or --hybrid (or neither, for kt-kernel)")
+
+    def progress(msg: str) -> None:
+        err_console.print(f"[dim]{msg}[/]", highlight=False)
+
+    if hybrid:
+        counts = kb.parse_int_list(threads, "--threads") if threads else [max(1, (os.cpu_count() or 2) - 2)]
+        if len(counts) != 1:
+            raise UserError(f"--hybrid runs one CPU thread count, got --threads {threads}: pass one, e.g. --threads 14")
+        recs = kb.run_hybrid(
+            out,
+            counts[0],
+            shape=shape,
+            gpu_experts=kb.parse_int_list(gpu_experts, "--gpu-experts") if gpu_experts else None,
+            routings=[r.strip() for r in routing.split(",") if r.strip()],
+            decode_calls=repeats or 30,
+            prefill_calls=prefill_repeats or 3,
+            progress=progress,
+        )
+        rows = [
+            {k: r["params"][k] for k in ("routing", "n_gpu_experts", "tokens")}
+            | {k: round(r["metrics"][k], 3) for k in ("latency_ms", "gpu_ms", "cpu_ms", "gpu_coverage", "rel_err")}
+            for r in recs
+            if r["kind"] == kb.KIND_HYBRID
+        ]
+    elif llamacpp:
+        counts = kb.parse_int_list(threads or "4,8,12,16", "--threads")
+        recs = kb.run_llamacpp(counts, out, shape=shape, layers=layers, repeats=repeats or 2, progress=progress)
+        rows = [
+            {"phase": r["params"].get("phase"), "tokens": r["params"].get("tokens"), "threads": r["params"].get("threads")}
+            | {k: round(r["metrics"][k], 3) for k in ("per_token_ms_per_layer", "tok_s_per_layer") if k in r["metrics"]}
+            for r in recs
+            if r["kind"] == kb.KIND_LLAMACPP
+        ]
+    else:
+        counts = kb.parse_int_list(threads or "4,8,12,16", "--threads")
+        summary = kb.run_kt_kernel(
+            counts, out, shape=shape, layers=layers, decode_calls=repeats or 200, prefill_calls=prefill_repeats or 2, progress=progress
+        )
+        if json_out:
+            print_json(summary)
+            return
+        d, p = summary["decode"], summary.get("prefill", {})
+        console.print(
+            f"best decode: {d['threads']} threads, {d['latency_ms']:.2f} ms/layer, {d['expert_gb_s']:.1f} GB/s of experts "
+            f"({d['bandwidth_ratio']:.0%} of copy bandwidth), {d['ceiling_tok_s']:.1f} tok/s for {kb.layer_shape(shape).model_layers} layers",
+            highlight=False,
+        )
+        if p:
+            console.print(
+                f"best prefill: {p['threads']} threads, {summary['prefill_tokens']}-token chunk, {p['tflop_s']:.2f} TFLOP/s, "
+                f"{p['ceiling_tok_s']:.1f} tok/s for {kb.layer_shape(shape).model_layers} layers",
+                highlight=False,
+            )
+        console.print(f"records appended to {out}", highlight=False)
+        return
+    if json_out:
+        print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(*(rows[0].keys() if rows else ["(no results)"]))
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+    console.print(f"records appended to {out}", highlight=False)
+
+
 # ==== end section: measure ==================================================================
 
 # ==== section: claude code (claude-code settings|check|run) ================================
+claude_app = typer.Typer(
+    no_args_is_help=True,
+    help="Claude Code on the local backend: settings, a smoke test of the API as Claude Code calls it, one real turn.",
+)
+app.add_typer(claude_app, name="claude-code")
+
+_CC_BASE_URL = typer.Option(None, "--base-url", help="Backend root, e.g. http://127.0.0.1:8080 (default: the running server).")
+_CC_MODEL = typer.Option(None, "--model", help="Served model name (default: the server's).")
+
+
+@claude_app.command("settings")
+def claude_settings_cmd(
+    base_url: Optional[str] = _CC_BASE_URL,
+    model: Optional[str] = _CC_MODEL,
+    write: bool = typer.Option(False, "--write", help="Merge the env block into ./.claude/settings.local.json."),
+    project_dir: str = typer.Option(".", "--project-dir", help="Project whose .claude/settings.local.json --write updates."),
+    global_: bool = typer.Option(False, "--global", help="Write ~/.claude/settings.json instead (needs --force)."),
+    force: bool = typer.Option(False, "--force", help="Allow --global; the old file is backed up first."),
+    show_token: bool = typer.Option(False, "--show-token", help="Print the token itself, not where it comes from."),
+    json_out: bool = typer.Option(False, "--json", help="Print the settings block as JSON."),
+) -> None:
+    """The environment Claude Code needs for this backend, as shell exports and a settings.json block."""
+    from ktutorial import claude_code as cc
+
+    base_url, model = cc.resolve_backend(base_url, model)
+    token, source = cc.resolve_token()
+    env = cc.claude_env(base_url, model, token)
+    shown = env if show_token else cc.masked_env(env, source)
+    written = None
+    if write or global_:
+        written = cc.write_settings(env, project_dir=project_dir, user=global_, force=force)
+    if json_out:
+        out = cc.settings_block(shown)
+        if written:
+            out["written"] = {"path": str(written.path), "backup": str(written.backup) if written.backup else None}
+        print_json(out)
+        return
+    console.print(cc.shell_exports(env, show_token=show_token, token_source=source), highlight=False, soft_wrap=True)
+    console.print(f"\n# settings.json:\n{json.dumps(cc.settings_block(shown), indent=2)}", highlight=False, soft_wrap=True)
+    if written:
+        note = f" (old file backed up to {written.backup})" if written.backup else ""
+        console.print(f"\n[green]wrote[/] {written.path}{note}", highlight=False, soft_wrap=True)
+
+
+@claude_app.command("check")
+def claude_check_cmd(
+    base_url: Optional[str] = _CC_BASE_URL,
+    model: Optional[str] = _CC_MODEL,
+    timeout_s: float = typer.Option(300.0, "--timeout-s", help="Limit for each request."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Send what Claude Code sends (streamed /v1/messages?beta=true, Bearer auth, system blocks, a
+    dozen tools, a mid-conversation system message, thinking, a tool round trip); each part works
+    or fails with the fix. Exits 1 if any part fails."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from ktutorial import claude_code as cc
+
+    results = cc.check(base_url, model, timeout_s=timeout_s)
+    if json_out:
+        print_json([asdict(r) for r in results])
+    else:
+        table = Table("", "item", "detail", "s", title="Claude Code smoke test")
+        for r in results:
+            table.add_row("[green]works[/]" if r.ok else "[red]fails[/]", r.name, r.detail, f"{r.elapsed_s:.1f}")
+        console.print(table)
+        for r in results:
+            if not r.ok:
+                console.print(f"[red]{r.name}[/]: {r.fix}", highlight=False, soft_wrap=True)
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+@claude_app.command("run")
+def claude_run_cmd(
+    prompt: str = typer.Argument(..., help="What to ask Claude Code."),
+    base_url: Optional[str] = _CC_BASE_URL,
+    model: Optional[str] = _CC_MODEL,
+    timeout_s: float = typer.Option(120.0, "--timeout-s", help="Limit for the whole turn."),
+    allow: Optional[list[str]] = typer.Option(None, "--allow", help="A tool Claude Code may use unasked, e.g. 'Bash(echo:*)'; repeat it."),
+    cwd: Optional[str] = typer.Option(None, "--cwd", help="Run in this folder (default: a scratch folder, so no project settings are read)."),
+    tools: Optional[str] = typer.Option(None, "--tools", help="Only these built-in tools, e.g. 'Bash' (a smaller first request for slow backends)."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Replace Claude Code's long system prompt."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """One real turn of the installed Claude Code CLI (`claude -p`) against the backend, retries off."""
+    from ktutorial import claude_code as cc
+
+    result = cc.run(
+        prompt, base_url, model, timeout_s=timeout_s, allowed_tools=tuple(allow or ()), cwd=cwd,
+        tools=[t.strip() for t in tools.split(",")] if tools is not None else None, system_prompt=system_prompt,
+    )
+    if json_out:
+        print_json(result.to_dict())
+        return
+    from rich.markup import escape
+
+    for call in result.tool_calls:
+        said = escape(f"ran {call['name']} {json.dumps(call['input'])} -> {str(call['output'])[:200]!r}")
+        err_console.print(f"[dim]{said}[/]", highlight=False, soft_wrap=True)
+    console.print(result.result, highlight=False, soft_wrap=True)
+    err_console.print(
+        f"[dim]claude {result.claude_version} -> {result.base_url} ({result.model}): {result.num_turns} turn(s), "
+        f"{result.wall_s:.1f} s[/]",
+        highlight=False,
+    )
+
+
+@claude_app.command("backends")
+def claude_backends_cmd() -> None:
+    """How to serve for Claude Code with SGLang-kt or llama.cpp, and a claude-code-router config."""
+    from ktutorial import claude_code as cc
+
+    sys.stdout.write(cc.backend_docs())
+
+
 # ==== end section: claude code ==============================================================
 
 # ==== section: inside kt (hybrid) ===========================================================
+hybrid_app = typer.Typer(
+    no_args_is_help=True,
+    help="The GPU/CPU expert split of SGLang-KT, run on the tiny model (transformers + kt-kernel).",
+)
+app.add_typer(hybrid_app, name="hybrid")
+
+
+@hybrid_app.command("agree")
+def hybrid_agree(
+    tokens: int = typer.Option(32, "--tokens", help="Greedy positions compared."),
+    llamacpp: bool = typer.Option(True, "--llamacpp/--no-llamacpp", help="Also compare llama.cpp on the GGUF."),
+    controls: bool = typer.Option(False, "--controls", help="Also run the negative controls (each must fail)."),
+    strategy: str = typer.Option("uniform", "--strategy", help="Placement of the GPU experts."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the tiny model."),
+    records: Optional[str] = typer.Option(None, "--records", help="Append one record per pair to this JSONL file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Three-way agreement: transformers, the hybrid split (0, some, all experts on the GPU), llama.cpp."""
+    from ktutorial import hybrid
+
+    out = hybrid.run_agreement(
+        seed=seed, n_tokens=tokens, llamacpp=llamacpp, controls=controls, strategy=strategy, records=records
+    )
+    if as_json:
+        print_json(out)
+    else:
+        from rich.table import Table
+
+        def fmt(v):
+            return "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+
+        table = Table(title=f"Agreement over {tokens} greedy tokens ({out['prompt_tokens']}-token prompt)")
+        for col in ("a", "b", "tokens", "argmax", "max |Δlogit|", "MoE rel err", "max |Δlogprob|", "router flips", "ok"):
+            table.add_column(col)
+        for r in out["comparisons"] + out.get("negative_controls", []):
+            table.add_row(
+                r["a"], r["b"], f"{r['token_matches']}/{r['positions']}", f"{r['argmax_matches']}/{r['positions']}",
+                fmt(r["max_abs_dlogit"]), fmt(r["moe_rel_err"]), fmt(r["max_abs_dlogprob"]), fmt(r["router_flips"]),
+                "yes" if r["ok"] else "NO: " + ", ".join(r["failed_on"]),
+            )
+        console.print(table)
+        limits = "; ".join(f"{k}: " + ", ".join(f"{m} ≤ {v:g}" for m, v in t.items()) for k, t in out["tolerances"].items())
+        console.print(f"tolerances — {limits}")
+        if out.get("negative_controls"):
+            console.print("Negative controls (the last rows) must say NO: each is a deliberate bug.")
+    if not out["ok"]:
+        raise typer.Exit(1)
+
+
+@hybrid_app.command("routing")
+def hybrid_routing(
+    out: str = typer.Option(..., "--out", help="Folder for routing.png, routing.jsonl, routing.json."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the tiny model."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Expert routing statistics and the GPU share of expert activations per placement strategy."""
+    from ktutorial import hybrid
+
+    study = hybrid.run_routing(out, seed=seed)
+    if as_json:
+        print_json(study)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Expert activations on the GPU ({study['num_experts']} experts/layer)")
+    table.add_column("GPU experts/layer")
+    for s in study["coverage"]:
+        table.add_column(s)
+    for i, n in enumerate(study["gpu_experts"]):
+        table.add_row(str(n), *(f"{100 * study['coverage'][s][i]:.1f}%" for s in study["coverage"]))
+    console.print(table)
+    console.print(f"chart: {study['chart']}\nrecords: {study['records']}")
+
+
 # ==== end section: inside kt ================================================================
 
 # ==== section: tutorial (tutorial, docs) ====================================================
@@ -67,13 +867,25 @@ def _root() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Run the CLI and return its exit status (callable in-process, as tests do)."""
     try:
-        # standalone mode: click prints usage errors and turns typer.Exit into exit codes.
-        app(args=argv, prog_name="ktutorial")
+        # Not standalone: return codes come back instead of sys.exit, so tests can call main().
+        result = app(args=argv, prog_name="ktutorial", standalone_mode=False)
     except UserError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
-    return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception as exc:
+        # click's usage errors (typer vendors click, so match by shape, not by class)
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+            exc.show()
+            return exc.exit_code
+        if type(exc).__name__ == "Abort":
+            err_console.print("aborted")
+            return 130
+        raise
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -18,3 +18,11 @@ def _ktutorial_home(tmp_path_factory):
         os.environ.pop("KTUTORIAL_HOME", None)
     else:
         os.environ["KTUTORIAL_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_model(_ktutorial_home):
+    """The tiny MiniMax-M2 model (seed 0), generated once per session in the temp home."""
+    from ktutorial import tiny
+
+    return tiny.ensure(seed=0)

@@ -1,0 +1,869 @@
+"""Single-request prefill/decode measurement and tuning sweeps, written as records.
+
+The method (the published MiniMax-M2.1 table did not state one; this is the close equivalent):
+one request at a time; a prompt of exactly L tokens by the server's own tokenizer, sent as
+token ids so the count cannot drift; the prefix cache defeated (a unique head on every prompt,
+plus llama.cpp's `cache_prompt: false` or SGLang's `/flush_cache`); a streamed reply of exactly
+`output_len` tokens (`ignore_eos`); then
+
+    prefill tok/s = L / time-to-first-token
+    decode tok/s  = (output tokens - 1) / (end-to-end - time-to-first-token)
+
+Where the server reports its own timings (llama.cpp `timings`, SGLang `meta_info`) they are
+recorded beside the client's figures with their relative difference. Every request becomes one
+`bench` record (ktutorial.results), appended and flushed as soon as it finishes.
+
+Sweeps: a YAML spec names a profile, a grid of serve parameters and the bench parameters; each
+serve combination gets its own server; a combination that fails to launch or times out becomes
+a `sweep_failure` record with its diagnosis, and the sweep goes on; `resume` skips combinations
+already recorded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+from urllib.parse import urlparse
+
+import httpx
+
+from ktutorial import results
+from ktutorial.errors import UserError
+
+# Filler for prompts: ordinary prose, so a real tokenizer splits it as it would a real prompt.
+_FILLER = (
+    "The tutorial measures how fast a mixture-of-experts model reads a long prompt and writes "
+    "its answer when the hot experts live on the graphics card and the rest stay in main memory. "
+    "Each layer routes every token to eight of its experts; the router's choice decides which "
+    "weights must travel from memory to the arithmetic units, and memory bandwidth sets the pace. "
+)
+
+CACHE_DEFEAT = {
+    "llamacpp": "unique head + cache_prompt=false",
+    "sglang-kt": "unique head + /flush_cache",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# talking to the server
+
+
+@dataclass
+class RequestTiming:
+    """What one streamed request showed the client, and what the server said about it."""
+
+    ttft_s: float
+    e2e_s: float
+    output_tokens: int
+    token_times_s: list[float]
+    server: dict[str, Any] = field(default_factory=dict)
+
+
+class _Engine:
+    name = "?"
+    route = "?"
+
+    def __init__(self, base_url: str, client: httpx.Client):
+        self.base_url = base_url.rstrip("/")
+        self.http = client
+
+    def _post(self, path: str, body: dict, timeout: float = 60) -> dict:
+        for attempt in range(2):
+            try:
+                r = self.http.post(self.base_url + path, json=body, timeout=timeout)
+                break
+            except httpx.RemoteProtocolError:
+                # llama.cpp may close a kept-alive connection after a stream; the pool finds
+                # out only on reuse. These routes are idempotent: once more, on a new connection.
+                if attempt:
+                    raise UserError(f"the server at {self.base_url} dropped {path} twice") from None
+            except httpx.HTTPError as exc:
+                raise UserError(f"the server at {self.base_url} did not answer {path}: {exc}") from exc
+        if r.status_code != 200:
+            raise UserError(f"{path} on {self.base_url} answered HTTP {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def context_tokens(self) -> Optional[int]:
+        return None
+
+    def before_request(self) -> None:
+        """Defeat the prefix cache where the server needs telling."""
+
+    def stream(self, ids: list[int], output_len: int, timeout_s: float) -> RequestTiming:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def _sse(self, path: str, body: dict, timeout_s: float) -> Iterator[tuple[float, dict]]:
+        """(seconds since the request was sent, chunk) for each `data:` line of an SSE reply."""
+        t0 = time.perf_counter()
+        timeout = httpx.Timeout(timeout_s, connect=10)
+        try:
+            # A connection of its own, closed after: no stale kept-alive socket, nothing queued.
+            headers = {"Connection": "close"}
+            with self.http.stream("POST", self.base_url + path, json=body, timeout=timeout, headers=headers) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise UserError(f"{path} on {self.base_url} answered HTTP {r.status_code}: {r.text[:300]}")
+                for line in r.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    chunk = json.loads(data)
+                    if isinstance(chunk, dict) and chunk.get("error"):
+                        raise UserError(f"the server failed the request: {chunk['error']}")
+                    yield time.perf_counter() - t0, chunk
+        except httpx.TimeoutException as exc:
+            raise TimeoutError(f"no reply from {self.base_url}{path} within {timeout_s:.0f} s") from exc
+        except httpx.HTTPError as exc:
+            raise UserError(f"the request to {self.base_url}{path} failed: {exc}") from exc
+
+
+class LlamaCpp(_Engine):
+    """llama.cpp's own server routes: /tokenize and the native streamed /completion."""
+
+    name = "llamacpp"
+    route = "/completion"
+
+    def __init__(self, base_url, client):
+        super().__init__(base_url, client)
+        self._props: Optional[dict] = None
+
+    def props(self) -> dict:
+        if self._props is None:
+            r = self.http.get(self.base_url + "/props", timeout=30)
+            self._props = r.json() if r.status_code == 200 else {}
+        return self._props
+
+    def tokenize(self, text):
+        # add_special false: the ids are sent as the prompt, and llama.cpp adds nothing to ids.
+        return list(self._post("/tokenize", {"content": text, "add_special": False})["tokens"])
+
+    def context_tokens(self):
+        return (self.props().get("default_generation_settings") or {}).get("n_ctx")
+
+    def describe(self):
+        props = self.props()
+        model = str(props.get("model_path") or "")
+        return {
+            "server_build": props.get("build_info"),
+            "server_slots": props.get("total_slots"),
+            "server_ctx_tokens": self.context_tokens(),
+            "server_model_file": model.rsplit("/", 1)[-1] or None,  # the file name, not its path
+        }
+
+    def stream(self, ids, output_len, timeout_s):
+        body = {
+            "prompt": ids,
+            "n_predict": output_len,
+            "ignore_eos": True,
+            "cache_prompt": False,
+            "temperature": 0,
+            "stream": True,
+            "return_tokens": True,
+        }
+        times: list[float] = []
+        last = None
+        final: dict = {}
+        for t, chunk in self._sse("/completion", body, timeout_s):
+            last = t
+            # tokens_predicted is cumulative; the per-chunk `tokens` list is not a count: llama.cpp
+            # holds back a chunk that ends inside a UTF-8 character and sends it with the next.
+            done = chunk.get("tokens_predicted")
+            if done is None:
+                done = len(times) + len(chunk.get("tokens") or [])
+            times.extend([t] * max(0, int(done) - len(times)))
+            if chunk.get("stop"):
+                final = chunk
+        if not times or last is None:
+            raise UserError(f"{self.base_url}/completion streamed no tokens")
+        timings = final.get("timings") or {}
+        server: dict[str, Any] = {
+            "prompt_tokens": (timings.get("prompt_n") or 0) + (timings.get("cache_n") or 0) if timings else None,
+            "cached_tokens": timings.get("cache_n"),
+            "evaluated_tokens": timings.get("prompt_n"),
+            "output_tokens": final.get("tokens_predicted"),
+        }
+        if timings:
+            prompt_ms, predicted_ms, predicted_n = (
+                timings.get("prompt_ms"), timings.get("predicted_ms"), timings.get("predicted_n")
+            )
+            server["prompt_ms"] = prompt_ms
+            server["predicted_ms"] = predicted_ms
+            # llama.cpp's own figures, as it prints them:
+            server["prompt_per_second"] = timings.get("prompt_per_second")
+            server["predicted_per_second"] = timings.get("predicted_per_second")
+            # llama.cpp starts its generation clock when the first token is sampled but counts
+            # that token in predicted_n: n / t overstates decode by n/(n-1). Ours is (n-1) / t,
+            # the same definition as the client's.
+            if predicted_ms and predicted_n and predicted_n > 1:
+                server["decode_tok_s"] = (predicted_n - 1) / (predicted_ms / 1000)
+            if prompt_ms:
+                server["prefill_tok_s"] = timings.get("prompt_n", 0) / (prompt_ms / 1000)
+        return RequestTiming(times[0], last, len(times), times, server)
+
+
+class SGLang(_Engine):
+    """SGLang's native routes: /tokenize, /flush_cache and the streamed /generate."""
+
+    name = "sglang-kt"
+    route = "/generate"
+
+    def __init__(self, base_url, client, tokenizer_path: Optional[str] = None):
+        super().__init__(base_url, client)
+        self.tokenizer_path = tokenizer_path
+        self._local_tokenizer = None
+
+    def tokenize(self, text):
+        r = self.http.post(self.base_url + "/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60)
+        if r.status_code == 200 and isinstance(r.json().get("tokens"), list):
+            return list(r.json()["tokens"])
+        # Older SGLang builds lack /tokenize: the model folder's own tokenizer is the same one.
+        if self._local_tokenizer is None:
+            if not self.tokenizer_path:
+                raise UserError(
+                    f"{self.base_url} has no /tokenize route: pass tokenizer_path (the model folder) "
+                    "so prompts can be built with the model's own tokenizer"
+                )
+            from tokenizers import Tokenizer
+
+            self._local_tokenizer = Tokenizer.from_file(str(Path(self.tokenizer_path) / "tokenizer.json"))
+        return self._local_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def context_tokens(self):
+        try:
+            r = self.http.get(self.base_url + "/v1/models", timeout=30)
+            return (r.json().get("data") or [{}])[0].get("max_model_len")
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def describe(self):
+        try:
+            info = self.http.get(self.base_url + "/get_server_info", timeout=30).json()
+        except (httpx.HTTPError, ValueError):
+            return {}
+        keep = ("version", "kt_method", "kt_num_gpu_experts", "kt_cpuinfer", "kt_threadpool_count",
+                "chunked_prefill_size", "kt_gpu_prefill_token_threshold", "kt_max_deferred_experts_per_token",
+                "tp_size", "max_total_tokens", "attention_backend", "mem_fraction_static")
+        return {f"server_{k}": info.get(k) for k in keep if k in info}
+
+    def before_request(self):
+        # The flush is refused while requests run; one request at a time means it succeeds,
+        # but a health check may be in flight, so try a few times.
+        for _ in range(10):
+            r = self.http.post(self.base_url + "/flush_cache", timeout=60)
+            if r.status_code == 200:
+                return
+            time.sleep(0.5)
+        raise UserError(f"{self.base_url}/flush_cache kept failing: {r.text[:200]}")
+
+    def stream(self, ids, output_len, timeout_s):
+        body = {
+            "input_ids": ids,
+            "sampling_params": {"max_new_tokens": output_len, "ignore_eos": True, "temperature": 0},
+            "stream": True,
+        }
+        times: list[float] = []
+        last = None
+        meta: dict = {}
+        for t, chunk in self._sse("/generate", body, timeout_s):
+            last = t
+            meta = chunk.get("meta_info") or {}
+            done = meta.get("completion_tokens")
+            if done is None:  # count output ids if meta_info is missing
+                done = len(times) + max(1, len(chunk.get("output_ids") or []))
+            times.extend([t] * max(0, int(done) - len(times)))
+        if not times or last is None:
+            raise UserError(f"{self.base_url}/generate streamed no tokens")
+        server = {
+            "prompt_tokens": meta.get("prompt_tokens"),
+            "cached_tokens": meta.get("cached_tokens"),
+            "output_tokens": meta.get("completion_tokens"),
+            "e2e_s": meta.get("e2e_latency"),
+        }
+        return RequestTiming(times[0], last, len(times), times, server)
+
+
+def detect_engine(base_url: str, client: Optional[httpx.Client] = None) -> str:
+    """"llamacpp" or "sglang-kt", from the routes the server answers."""
+    http = client or httpx.Client()
+    base = base_url.rstrip("/")
+    try:
+        r = http.get(base + "/props", timeout=10)
+        if r.status_code == 200 and "default_generation_settings" in r.json():
+            return "llamacpp"
+        r = http.get(base + "/get_model_info", timeout=10)
+        if r.status_code == 200:
+            return "sglang-kt"
+    except (httpx.HTTPError, ValueError) as exc:
+        raise UserError(f"no server answers at {base_url} ({exc}); start one with `ktutorial serve`") from exc
+    finally:
+        if client is None:
+            http.close()
+    raise UserError(f"{base_url} is neither a llama.cpp nor an SGLang server (no /props, no /get_model_info)")
+
+
+def served_model(base_url: str, client: httpx.Client) -> Optional[str]:
+    try:
+        data = client.get(base_url.rstrip("/") + "/v1/models", timeout=10).json().get("data") or []
+        return data[0].get("id") if data else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+
+
+class PromptBuilder:
+    """Prompts of exactly L token ids by the server's tokenizer, each with a head no other prompt has.
+
+    Prefix caches match from the first token on, so the head starts with a token that differs
+    from the previous 25 prompts' (a rotating capital letter), then a random nonce.
+    """
+
+    def __init__(self, engine: _Engine):
+        self.engine = engine
+        self._body: list[int] = []
+        self._firsts: list[int] = []
+        self._count = secrets.randbelow(1 << 16)
+
+    def _body_ids(self, n: int) -> list[int]:
+        if not self._body:
+            self._body = self.engine.tokenize(_FILLER * 8)
+            if not self._body:
+                raise UserError("the server's tokenizer returned no tokens for plain text")
+        reps = n // len(self._body) + 1
+        return (self._body * reps)[:n]
+
+    def _first_ids(self) -> list[int]:
+        if not self._firsts:
+            ids = [self.engine.tokenize(c)[:1] for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"]
+            self._firsts = list(dict.fromkeys(i[0] for i in ids if i))
+        return self._firsts
+
+    def build(self, length: int) -> tuple[list[int], str]:
+        if length < 1:
+            raise UserError(f"input length must be at least 1 token, got {length}")
+        firsts = self._first_ids()
+        first = firsts[self._count % len(firsts)]
+        self._count += 1
+        nonce = secrets.token_hex(6)
+        head = [first] + self.engine.tokenize(f" request {nonce}. ")
+        ids = (head + self._body_ids(length))[:length]
+        assert len(ids) == length
+        return ids, nonce
+
+
+# ---------------------------------------------------------------------------------------------
+# measure
+
+
+def _engine_for(base_url: str, engine: Optional[str], client: httpx.Client, tokenizer_path=None) -> _Engine:
+    name = engine or detect_engine(base_url, client)
+    if name == "llamacpp":
+        return LlamaCpp(base_url, client)
+    if name in ("sglang-kt", "sglang"):
+        return SGLang(base_url, client, tokenizer_path=tokenizer_path)
+    raise UserError(f"unknown engine {name!r}: use llamacpp or sglang-kt")
+
+
+def parse_lens(text: str) -> list[int]:
+    """"2048,8192,32768" (or "2k,8k,32k") -> [2048, 8192, 32768]."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        mult = 1024 if part.endswith("k") else 1
+        try:
+            value = int(part[:-1] if mult > 1 else part) * mult
+        except ValueError:
+            raise UserError(f"input length {part!r} is not a whole number (e.g. 2048,8192,32768)") from None
+        if value < 1:
+            raise UserError(f"input length must be positive, got {part!r}")
+        out.append(value)
+    if not out:
+        raise UserError("give at least one input length, e.g. --input-lens 2048,8192,32768")
+    return out
+
+
+def request_metrics(length: int, timing: RequestTiming) -> dict[str, Any]:
+    """Client figures by the stated method, the server's beside them, and their differences."""
+    decode_s = timing.e2e_s - timing.ttft_s
+    prefill = length / timing.ttft_s if timing.ttft_s > 0 else None
+    decode = (timing.output_tokens - 1) / decode_s if timing.output_tokens > 1 and decode_s > 0 else None
+    s = timing.server
+    m: dict[str, Any] = {
+        "ttft_s": timing.ttft_s,
+        "e2e_s": timing.e2e_s,
+        "output_tokens": timing.output_tokens,
+        "prefill_tok_s": prefill,
+        "decode_tok_s": decode,
+        "server_prompt_tokens": s.get("prompt_tokens"),
+        "server_cached_tokens": s.get("cached_tokens"),
+        "server_output_tokens": s.get("output_tokens"),
+    }
+    for key in ("evaluated_tokens", "prompt_ms", "predicted_ms", "prompt_per_second", "predicted_per_second", "e2e_s"):
+        if s.get(key) is not None:
+            m[f"server_{key}"] = s[key]
+    if s.get("prompt_ms") is not None:
+        # From the server finishing the prompt to the client seeing the first token: HTTP and
+        # scheduling. Tens of ms mean a busy client machine, and client figures to distrust.
+        m["first_token_delay_ms"] = timing.ttft_s * 1000 - s["prompt_ms"]
+    if s.get("prefill_tok_s") is not None:
+        m["server_prefill_tok_s"] = s["prefill_tok_s"]
+        m["prefill_rel_diff"] = results.relative_difference(prefill, s["prefill_tok_s"])
+    if s.get("decode_tok_s") is not None:
+        m["server_decode_tok_s"] = s["decode_tok_s"]
+        m["decode_rel_diff"] = results.relative_difference(decode, s["decode_tok_s"])
+    if s.get("e2e_s") is not None:
+        m["e2e_rel_diff"] = results.relative_difference(timing.e2e_s, s["e2e_s"])
+    # The two checks a reader should not have to do by hand:
+    m["prompt_len_ok"] = None if s.get("prompt_tokens") is None else int(s["prompt_tokens"]) == length
+    m["prefix_cache_hit"] = None if s.get("cached_tokens") is None else int(s["cached_tokens"]) > 0
+    return m
+
+
+def measure(
+    base_url: str,
+    model: Optional[str] = None,
+    input_lens: Sequence[int] = (2048, 8192, 32768),
+    output_len: int = 512,
+    repeats: int = 3,
+    warmup: int = 1,
+    out: Optional[str | Path] = None,
+    *,
+    engine: Optional[str] = None,
+    config: Optional[str] = None,
+    params: Optional[dict[str, Any]] = None,
+    model_revision: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    timeout_s: float = 1800,
+    deadline: Optional[float] = None,
+    on_record: Optional[Callable[[dict], None]] = None,
+) -> list[dict[str, Any]]:
+    """Measure each input length `repeats` times after `warmup` unrecorded requests.
+
+    Returns the `bench` records, each appended to `out` (JSONL) as soon as it is measured.
+    `config` labels the configuration in tables; `params` (e.g. a sweep's serve settings) are
+    stored in every record. `deadline` (time.monotonic()) raises TimeoutError when passed.
+    """
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
+    if warmup < 0 or output_len < 1:
+        raise UserError("--warmup must be 0 or more and --output-len at least 1")
+    lens = [int(x) for x in input_lens]
+    if not lens or min(lens) < 1:
+        raise UserError(f"input lengths must be positive token counts, got {list(input_lens)}")
+    with httpx.Client() as client:
+        api = _engine_for(base_url, engine, client, tokenizer_path)
+        model = model or served_model(base_url, client)
+        ctx = api.context_tokens()
+        if ctx and max(lens) + output_len > ctx:
+            raise UserError(
+                f"{max(lens)} input + {output_len} output tokens exceed the server's context of {ctx} "
+                "tokens: start the server with a larger context or lower --input-lens/--output-len"
+            )
+        host = urlparse(base_url).hostname or ""
+        env = results.environment_stamp(
+            engine=api.name,
+            model=model,
+            model_revision=model_revision,
+            extra={
+                # The stamp describes this machine; it describes the server only if it runs here.
+                "server_is_local": host in ("127.0.0.1", "localhost", "::1"),
+                **api.describe(),
+            },
+        )
+        prompts = PromptBuilder(api)
+        base_params = {
+            "output_len": output_len,
+            "repeats": repeats,
+            "warmup": warmup,
+            "engine": api.name,
+            "model": model,
+            "route": api.route,
+            "cache_defeat": CACHE_DEFEAT[api.name],
+            "config": config or f"{api.name} {model}",
+            **(params or {}),
+        }
+        records = []
+        for length in lens:
+            for i in range(warmup + repeats):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"the bench ran past its time limit at input length {length}")
+                ids, nonce = prompts.build(length)
+                api.before_request()
+                timing = api.stream(ids, output_len, timeout_s)
+                if i < warmup:
+                    continue
+                if timing.output_tokens != output_len:
+                    raise UserError(
+                        f"asked for {output_len} tokens, the server streamed {timing.output_tokens}: "
+                        "it ignored ignore_eos or hit its context limit"
+                    )
+                rec = results.make_record(
+                    "bench",
+                    {**base_params, "input_len": length, "repeat": i - warmup, "prompt_head": nonce},
+                    request_metrics(length, timing),
+                    samples={"token_times_s": [round(t, 6) for t in timing.token_times_s]},
+                    env=env,
+                )
+                if out is not None:
+                    results.append_record(out, rec)
+                records.append(rec)
+                if on_record is not None:
+                    on_record(rec)
+    return records
+
+
+def model_revision_for(profile) -> Optional[str]:
+    """What names the weights a profile serves: the tiny model's seed and format, or the hub
+    repo and revision of a known model."""
+    try:
+        if profile.model == "tiny":
+            from ktutorial import tiny
+
+            return f"tiny seed {profile.seed}, format v{tiny.FORMAT_VERSION}"
+        from ktutorial.spec import known_model
+
+        info = known_model(profile.model)
+        return f"{info.get('repo_id')}@{info.get('revision')}"
+    except Exception:  # a profile of an unknown model still benchmarks
+        return None
+
+
+def default_base_url() -> str:
+    """The base URL of the server ktutorial started (ktutorial.server), or a UserError saying how."""
+    try:
+        from ktutorial import server
+    except ImportError as exc:
+        raise UserError("no running server known: pass --base-url URL") from exc
+    for name in ("current_base_url", "current_server"):
+        fn = getattr(server, name, None)
+        if fn is not None:
+            got = fn()
+            return got if isinstance(got, str) else got.base_url
+    raise UserError("no running server known: pass --base-url URL")
+
+
+# ---------------------------------------------------------------------------------------------
+# sweeps
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    profile: str
+    serve: dict[str, list[Any]]
+    bench: dict[str, Any]
+    combinations: list[dict[str, Any]]
+    timeout_s: float = 1800
+    launch_timeout_s: Optional[float] = None
+    description: str = ""
+
+    def plan(self) -> list[dict[str, Any]]:
+        """Every serve combination: the grid's product, then the listed extra combinations."""
+        keys = list(self.serve)
+        combos = [dict(zip(keys, values)) for values in itertools.product(*(self.serve[k] for k in keys))]
+        combos.extend(dict(c) for c in self.combinations)
+        unique, seen = [], set()
+        for c in combos:
+            key = combination_key(self, c)
+            if key not in seen:
+                seen.add(key)
+                unique.append(c)
+        return unique
+
+
+_BENCH_KEYS = {"input_lens", "output_len", "repeats", "warmup"}
+
+
+def load_sweep(path_or_name: str | Path) -> SweepSpec:
+    """A sweep spec from a YAML file, or a shipped one by name ("tiny", "minimax-m2.1")."""
+    import yaml
+    from importlib import resources
+
+    path = Path(path_or_name)
+    if path.is_file():
+        text = path.read_text()
+    else:
+        data = resources.files("ktutorial") / "data"
+        name = path.name[: -len(path.suffix)] if path.suffix in (".yaml", ".yml") else path.name
+        # a shipped name ("minimax-m2.1"), or a profile's sweep_spec ("sweeps/tiny.yaml")
+        for shipped in (data / "sweeps" / f"{name}.yaml", data / str(path_or_name)):
+            if shipped.is_file():
+                text = shipped.read_text()
+                break
+        else:
+            names = sorted(p.name[:-5] for p in (data / "sweeps").iterdir() if p.name.endswith(".yaml"))
+            raise UserError(f"no sweep spec {str(path_or_name)!r}: pass a YAML file or a shipped one ({', '.join(names)})")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"sweep spec {path_or_name} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict) or "profile" not in raw:
+        raise UserError(f"sweep spec {path_or_name} needs a `profile:` (tiny, minimax-m2.1 or a profile file)")
+    unknown = set(raw) - {"name", "description", "profile", "serve", "combinations", "bench", "timeout_s", "launch_timeout_s"}
+    if unknown:
+        raise UserError(f"sweep spec {path_or_name}: unknown keys {sorted(unknown)}")
+    serve = raw.get("serve") or {}
+    if not isinstance(serve, dict):
+        raise UserError("sweep spec: `serve:` maps each knob to a list of values")
+    serve = {k: (v if isinstance(v, list) else [v]) for k, v in serve.items()}
+    bench = dict(raw.get("bench") or {})
+    bad = set(bench) - _BENCH_KEYS
+    if bad:
+        raise UserError(f"sweep spec: unknown bench keys {sorted(bad)} (known: {sorted(_BENCH_KEYS)})")
+    if "input_lens" in bench and isinstance(bench["input_lens"], str):
+        bench["input_lens"] = parse_lens(bench["input_lens"])
+    combos = raw.get("combinations") or []
+    if not isinstance(combos, list) or not all(isinstance(c, dict) for c in combos):
+        raise UserError("sweep spec: `combinations:` is a list of {knob: value} maps")
+    return SweepSpec(
+        name=str(raw.get("name") or Path(str(path_or_name)).stem),
+        profile=str(raw["profile"]),
+        serve=serve,
+        bench=bench,
+        combinations=combos,
+        timeout_s=float(raw.get("timeout_s", 1800)),
+        launch_timeout_s=raw.get("launch_timeout_s"),
+        description=str(raw.get("description") or ""),
+    )
+
+
+def combination_key(spec: SweepSpec, serve_params: dict[str, Any]) -> str:
+    """Stable across runs: the profile, the serve combination and the bench parameters."""
+    return results.stable_key({"profile": spec.profile, "serve": serve_params, "bench": spec.bench})
+
+
+def _done_keys(out: Path, expected: int, retry_failed: bool = False) -> set[str]:
+    """Combinations with all their `expected` bench records, or with a recorded failure."""
+    if not out.exists():
+        return set()
+    counts: dict[str, int] = {}
+    failed: set[str] = set()
+    for rec in results.load_records(out):
+        key = rec["params"].get("combination_key")
+        if not key:
+            continue
+        if rec["kind"] == "bench":
+            counts[key] = counts.get(key, 0) + 1
+        elif rec["kind"] == "sweep_failure":
+            failed.add(key)
+    done = {k for k, n in counts.items() if n >= expected}
+    return done if retry_failed else done | failed
+
+
+def _diagnosis(exc: BaseException) -> str:
+    """Why a combination failed, in one line: the server's diagnoses (ktutorial.diagnose), else
+    the last error line of the server's log, else the error's first line."""
+    found = getattr(exc, "diagnoses", None) or getattr(exc, "diagnosis", None)
+    if found:
+        items = found if isinstance(found, (list, tuple)) else [found]
+        return "; ".join(str(getattr(d, "message", d)) for d in items)
+    tail = str(getattr(exc, "log_tail", "") or "")
+    errors = [line.strip() for line in tail.splitlines() if "error" in line.lower()]
+    if errors:
+        return errors[-1]
+    return (str(exc) or type(exc).__name__).splitlines()[0]
+
+
+def _failure_kind(exc: BaseException, stage: str) -> str:
+    if isinstance(exc, TimeoutError) or "not ready within" in str(exc):
+        return "timeout"
+    return f"{stage}_failure"
+
+
+# serve() options that are not knobs: the sweep sets them itself.
+_NOT_KNOBS = {"profile_or_plan", "port", "dry_run", "plan", "overrides", "ready_timeout_s", "detach", "reuse", "wait"}
+
+
+def serve_options(profile, serve_params: dict[str, Any]) -> dict[str, Any]:
+    """serve() keyword arguments for one combination.
+
+    llama.cpp knobs are serve()'s own options (threads, ctx_size, cpu_moe, n_cpu_moe, ...);
+    SGLang-KT knobs are launch flags (kt-num-gpu-experts, chunked-prefill-size, ...) passed as
+    overrides to the planned command.
+    """
+    if profile.engine == "sglang-kt":
+        flags = {}
+        for knob, value in serve_params.items():
+            flag = knob if knob.startswith("--") else "--" + knob.replace("_", "-")
+            flags[flag] = value
+        return {"overrides": flags}
+    import inspect
+
+    from ktutorial import server
+
+    accepted = set(inspect.signature(server.prepare).parameters) - _NOT_KNOBS
+    options = {}
+    for knob, value in serve_params.items():
+        name = knob.lstrip("-").replace("-", "_")
+        if name not in accepted:
+            raise UserError(
+                f"sweep knob {knob!r} is not a llama.cpp serve option here; known: {', '.join(sorted(accepted))}"
+            )
+        options[name] = value
+    return options
+
+
+def _start_server(profile, serve_params: dict[str, Any], timeout_s: Optional[float]):
+    from ktutorial import server
+
+    options = serve_options(profile, serve_params)
+    if timeout_s is not None:
+        options["ready_timeout_s"] = float(timeout_s)
+    return server.serve(profile, **options)
+
+
+def _render(profile, serve_params: dict[str, Any]) -> str:
+    """The command a combination would run (for --dry-run), or why it would not start."""
+    try:
+        from ktutorial import server
+
+        return server.prepare(profile, dry_run=True, **serve_options(profile, serve_params)).shell()
+    except Exception as exc:  # the plan is still worth printing
+        why = str(exc).splitlines()[0]
+        return f"(not startable here: {why[:160]}{'…' if len(why) > 160 else ''})"
+
+
+def sweep(
+    spec: SweepSpec | str | Path,
+    out: str | Path,
+    resume: bool = False,
+    dry_run: bool = False,
+    retry_failed: bool = False,
+    progress: bool = True,
+    start_server: Callable[..., Any] = _start_server,
+) -> dict[str, Any]:
+    """Run (or with dry_run, list) every combination of a sweep; return a summary.
+
+    Records go to `out` as they are measured: `bench` records carrying the serve parameters and
+    the combination key, and one `sweep_failure` record for a combination that failed.
+    """
+    if not isinstance(spec, SweepSpec):
+        spec = load_sweep(spec)
+    from ktutorial.profiles import load_profile
+
+    profile = load_profile(spec.profile)
+    bench_args = {**profile.bench.model_dump(), **spec.bench}
+    out = Path(out)
+    combos = spec.plan()
+    requests_per = len(bench_args["input_lens"]) * int(bench_args["repeats"])
+    done = _done_keys(out, requests_per, retry_failed) if resume else set()
+    plan = [
+        {"combination_key": combination_key(spec, c), "serve": c, "skip": combination_key(spec, c) in done}
+        for c in combos
+    ]
+    for item in plan:  # a misspelt knob fails here, before any server starts
+        serve_options(profile, item["serve"])
+    if dry_run:
+        for item in plan:
+            item["command"] = _render(profile, item["serve"])
+    summary: dict[str, Any] = {
+        "sweep": spec.name,
+        "profile": profile.name,
+        "out": str(out),
+        "bench": bench_args,
+        "plan": plan,
+        "ok": [],
+        "failed": [],
+        "skipped": [p["combination_key"] for p in plan if p["skip"]],
+    }
+    if dry_run:
+        return summary
+    todo = [p for p in plan if not p["skip"]]
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo) * requests_per, desc=f"sweep {spec.name}", unit="req")
+    try:
+        for item in todo:
+            key, serve_params = item["combination_key"], item["serve"]
+            params = {
+                "sweep": spec.name,
+                "profile": profile.name,
+                "combination_key": key,
+                "serve": serve_params,
+                **{f"serve.{k}": v for k, v in serve_params.items()},
+            }
+            label = ", ".join(f"{k}={v}" for k, v in serve_params.items()) or "defaults"
+            if bar is not None:
+                bar.set_postfix_str(label)
+            measured: list[dict] = []
+            stage = "launch"
+            deadline = time.monotonic() + spec.timeout_s
+            try:
+                with start_server(profile, serve_params, spec.launch_timeout_s) as srv:
+                    stage = "bench"
+                    measure(
+                        srv.base_url,
+                        model=getattr(srv, "model", None),
+                        model_revision=model_revision_for(profile),
+                        timeout_s=spec.timeout_s,
+                        input_lens=bench_args["input_lens"],
+                        output_len=int(bench_args["output_len"]),
+                        repeats=int(bench_args["repeats"]),
+                        warmup=int(bench_args["warmup"]),
+                        out=out,
+                        engine=getattr(srv, "engine", None),
+                        config=f"{spec.name}: {label}",
+                        params=params,
+                        deadline=deadline,
+                        on_record=lambda rec: (measured.append(rec), bar and bar.update(1)),
+                    )
+                summary["ok"].append(key)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # a failed combination is a result, not the end of the sweep
+                kind = _failure_kind(exc, stage)
+                failure = results.make_record(
+                    "sweep_failure",
+                    {**params, "config": f"{spec.name}: {label}"},
+                    {
+                        "stage": stage,
+                        "failure": kind,
+                        "error": f"{type(exc).__name__}: {exc}"[:2000],
+                        "diagnosis": _diagnosis(exc)[:2000],
+                        "log_tail": str(getattr(exc, "log_tail", "") or "")[-2000:] or None,
+                        "measured_before_failure": len(measured),
+                    },
+                    env=results.environment_stamp(engine=profile.engine, model=profile.served_model_name),
+                )
+                results.append_record(out, failure)
+                summary["failed"].append({"combination_key": key, "serve": serve_params, "diagnosis": failure["metrics"]["diagnosis"]})
+                if bar is not None:
+                    bar.update(requests_per - len(measured))
+    finally:
+        if bar is not None:
+            bar.close()
+    return summary
+
+
+__all__ = [
+    "RequestTiming",
+    "PromptBuilder",
+    "detect_engine",
+    "measure",
+    "request_metrics",
+    "parse_lens",
+    "default_base_url",
+    "SweepSpec",
+    "load_sweep",
+    "combination_key",
+    "sweep",
+]

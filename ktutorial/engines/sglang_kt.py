@@ -1,0 +1,461 @@
+"""SGLang + KT-Kernel (sglang-kt 0.7.2): the launch command from a Plan, and the checks that
+sglang-kt's own parser does not make.
+
+`render_command(plan, overrides)` gives `python -m sglang.launch_server --model-path ... --kt-*`;
+`render_env(plan)` the environment it needs; `validate(...)` refuses, before launch, what the
+parser accepts but what fails minutes later (a lowercase `--kt-method`, no GPU-expert count, a
+served name with ':'); `settings_schema()` lists every flag ktutorial can emit, with its reason.
+`check_with_real_parser(...)` runs sglang-kt's own `ServerArgs.add_cli_args` parser (installed by
+`make sglang-parser-env` in a venv of its own) over rendered commands.
+
+Readiness and log diagnosis live in server.py and diagnose.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ktutorial.errors import UserError
+
+ENTRY = ["-m", "sglang.launch_server"]
+
+# kt-kernel 0.7.2's inference methods (kt_kernel/experts.py INFERENCE_METHODS): exact, upper case.
+# sglang-kt's --kt-method has no choices check; anything else fails when the model loads.
+KT_METHODS = ("AMXINT4", "AMXINT8", "RAWINT4", "FP8", "BF16", "FP8_PERCHANNEL", "GPTQ_INT4",
+              "SYCL_GPTQ_INT4", "MXFP4", "NVFP4", "MXFP8", "LLAMAFILE", "MOE_INT4", "MOE_INT8")
+
+
+class SettingsError(UserError):
+    """Launch settings sglang-kt would refuse, or accept and then fail on."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    kind: str  # "str", "int", "float", "bool", "int_list"
+    why: str
+    choices: Optional[tuple[str, ...]] = None
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    exclusive_min: bool = False
+    exclusive_max: bool = False
+
+
+# Every flag ktutorial can emit. Choices are the subset of sglang-kt's that make sense for
+# MiniMax-M2.1 (the real-parser test checks each is a subset of the parser's own).
+FLAGS: dict[str, Flag] = {
+    "model-path": Flag("str", "the checkpoint folder: config.json, safetensors shards, tokenizer"),
+    "served-model-name": Flag("str", "the `model` clients send; no ':' (read as name:revision)"),
+    "trust-remote-code": Flag("bool", "the hub repo ships MiniMax's own configuration code"),
+    "tensor-parallel-size": Flag("int", "GPUs that split attention, KV cache and GPU experts", minimum=1),
+    "kt-method": Flag("str", "kt-kernel's expert format: FP8 reads M2.1's block-FP8 checkpoint as is",
+                      choices=KT_METHODS),
+    "kt-weight-path": Flag("str", "where kt-kernel reads CPU experts: for FP8, the checkpoint folder"),
+    "kt-cpuinfer": Flag("int", "CPU threads for experts: physical cores, headroom on SMT-less machines",
+                        minimum=1),
+    "kt-threadpool-count": Flag("int", "thread pools, one per NUMA node (sglang-kt's default is 2)", minimum=1),
+    "kt-numa-nodes": Flag("int_list", "the NUMA node of each pool, when nodes are not numbered 0..N-1"),
+    "kt-num-gpu-experts": Flag("int", "experts per layer kept on the GPU; without it or a ratio KT is off",
+                               minimum=0),
+    "kt-gpu-experts-ratio": Flag("float", "share of all experts kept on the GPU (instead of a count)",
+                                 minimum=0, maximum=1),
+    "kt-max-deferred-experts-per-token": Flag("int", "experts whose CPU result may arrive one layer late",
+                                              minimum=0),
+    "kt-gpu-prefill-token-threshold": Flag("int", "prefill chunks this long run the MoE on the GPU layer "
+                                                  "by layer", minimum=0),
+    "kt-enable-dynamic-expert-update": Flag("bool", "the GPU expert set follows the experts routed to"),
+    "kt-expert-placement-strategy": Flag("str", "which experts start on the GPU",
+                                         choices=("uniform", "frequency", "front-loading", "random")),
+    "chunked-prefill-size": Flag("int", "tokens per prefill forward pass; kt-kernel sizes its buffers by it",
+                                 minimum=1),
+    "max-prefill-tokens": Flag("int", "tokens one prefill batch may hold", minimum=1),
+    "max-total-tokens": Flag("int", "cap on the KV pool, in tokens", minimum=1),
+    "context-length": Flag("int", "longest request accepted, in tokens", minimum=1),
+    "kv-cache-dtype": Flag("str", "KV cache precision: bf16, or FP8 for half the bytes",
+                           choices=("auto", "bf16", "bfloat16", "fp8_e4m3", "fp8_e5m2")),
+    "mem-fraction-static": Flag("float", "share of GPU memory for weights and the KV pool", minimum=0,
+                                maximum=1, exclusive_min=True, exclusive_max=True),
+    "max-running-requests": Flag("int", "requests decoded together", minimum=1),
+    "attention-backend": Flag("str", "attention kernels; FlashInfer covers sm80 to sm120",
+                              choices=("flashinfer", "triton", "fa3", "fa4", "torch_native", "flex_attention",
+                                       "trtllm_mha")),
+    "fp8-gemm-backend": Flag("str", "FP8 GEMM kernels; Triton's run on consumer cards",
+                             choices=("auto", "triton", "cutlass", "deep_gemm", "flashinfer_trtllm",
+                                      "flashinfer_deepgemm")),
+    "disable-shared-experts-fusion": Flag("bool", "M2.1 has no shared expert; sglang-kt sets it with KT anyway"),
+    "watchdog-timeout": Flag("float", "seconds a forward pass may take before sglang kills the server",
+                             minimum=0, exclusive_min=True),
+    "tool-call-parser": Flag("str", "M2.1 writes <minimax:tool_call> blocks: minimax-m2 parses them",
+                             choices=("minimax-m2",)),
+    "reasoning-parser": Flag("str", "minimax-append-think keeps <think> in the content; minimax splits it "
+                                    "into reasoning_content", choices=("minimax-append-think", "minimax")),
+    "host": Flag("str", "the address to listen on; ktutorial binds 127.0.0.1"),
+    "port": Flag("int", "the port to listen on", minimum=1, maximum=65535),
+    "enable-metrics": Flag("bool", "Prometheus /metrics"),
+    "log-level": Flag("str", "sglang's log level", choices=("debug", "info", "warning", "error", "critical")),
+    "disable-radix-cache": Flag("bool", "no prefix cache: every request prefills in full (benchmarks)"),
+    "cuda-graph-max-bs": Flag("int", "largest decode batch captured as a CUDA graph", minimum=1),
+    "disable-cuda-graph": Flag("bool", "no CUDA graphs: less memory, slower decode"),
+    "enable-mixed-chunk": Flag("bool", "decode and prefill in the same batch"),
+}
+_ALIASES = {"model": "model-path", "tp-size": "tensor-parallel-size", "tp": "tensor-parallel-size"}
+
+# The environment sglang-kt runs with, and why.
+ENV: dict[str, tuple[str, str]] = {
+    "OMP_WAIT_POLICY": ("PASSIVE", "torch's OpenMP threads otherwise spin between ops on the cores kt-kernel's "
+                                   "expert threads use; FACTS: kt plus torch threads over the core count slowed "
+                                   "decode ~10x, PASSIVE helped"),
+}
+
+
+def settings_schema() -> list[dict[str, Any]]:
+    """Every flag ktutorial can emit: name, value type, allowed values, why (the docs render it)."""
+    return [
+        {"flag": f"--{name}", "type": f.kind, "choices": list(f.choices) if f.choices else None, "why": f.why}
+        for name, f in FLAGS.items()
+    ]
+
+
+def env_schema() -> list[dict[str, str]]:
+    return [{"name": k, "value": v, "why": why} for k, (v, why) in ENV.items()]
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+
+def _flag_name(raw: str) -> str:
+    name = str(raw).strip().lstrip("-").replace("_", "-")
+    return _ALIASES.get(name, name)
+
+
+def _coerce(name: str, flag: Flag, value: Any, problems: list[str]) -> Any:
+    shown = f"--{name} {value!r}"
+    if flag.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on", ""):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        problems.append(f"{shown}: a switch, takes true or false")
+        return None
+    if flag.kind == "int_list":
+        items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+        try:
+            out = [int(x) for x in items]
+        except (TypeError, ValueError):
+            problems.append(f"{shown}: takes whole numbers (NUMA node ids)")
+            return None
+        if not out or any(x < 0 for x in out):
+            problems.append(f"{shown}: takes one or more node ids, each 0 or more")
+        return out
+    if flag.kind in ("int", "float"):
+        if isinstance(value, bool):
+            problems.append(f"{shown}: takes a number, not a switch")
+            return None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            problems.append(f"{shown}: takes a {'whole number' if flag.kind == 'int' else 'number'}")
+            return None
+        if number != number or number in (float("inf"), float("-inf")):
+            problems.append(f"{shown}: takes a finite number")
+            return None
+        if flag.kind == "int":
+            if number != int(number):
+                problems.append(f"{shown}: takes a whole number")
+                return None
+            number = int(number)
+        lo, hi = flag.minimum, flag.maximum
+        if lo is not None and (number < lo or (flag.exclusive_min and number == lo)):
+            problems.append(f"{shown}: must be {'more than' if flag.exclusive_min else 'at least'} {lo:g}")
+        if hi is not None and (number > hi or (flag.exclusive_max and number == hi)):
+            problems.append(f"{shown}: must be {'less than' if flag.exclusive_max else 'at most'} {hi:g}")
+        return number
+    text = str(value)
+    if flag.choices and text not in flag.choices:
+        if name == "kt-method" and text.upper() in flag.choices:
+            problems.append(f"{shown}: kt-kernel's method names are upper case: --kt-method {text.upper()} "
+                            "(sglang-kt's parser accepts any string; the wrong case fails at model load)")
+        elif name == "kt-method":
+            problems.append(f"{shown}: kt-kernel 0.7.2 does not know it (it would fail at model load); "
+                            f"use one of {', '.join(flag.choices)} (FP8 for MiniMax-M2.1)")
+        else:
+            problems.append(f"{shown}: use one of {', '.join(flag.choices)}")
+    return text
+
+
+def validate_settings(settings: dict[str, Any], spec: Any = None) -> dict[str, Any]:
+    """Check flag -> value settings; return them with typed values, or raise SettingsError
+    naming every problem and its fix."""
+    problems: list[str] = []
+    out: dict[str, Any] = {}
+    for raw, value in settings.items():
+        name = _flag_name(raw)
+        flag = FLAGS.get(name)
+        if flag is None:
+            problems.append(f"--{name}: not a flag ktutorial emits or checks; known flags: "
+                            f"{', '.join(FLAGS)}")
+            continue
+        if value is None:
+            continue
+        coerced = _coerce(name, flag, value, problems)
+        if coerced is not None:
+            out[name] = coerced
+
+    if not out.get("model-path"):
+        problems.append("--model-path missing: the checkpoint folder (ktutorial download fetches it)")
+    served = out.get("served-model-name")
+    if served is not None:
+        if not served.strip():
+            problems.append("--served-model-name is empty: clients could not name the model")
+        elif ":" in served:
+            problems.append(f"--served-model-name {served!r}: contains ':', which sglang reads as name:revision; "
+                            f"use {served.replace(':', '-')!r}")
+    uses_kt = any(k.startswith("kt-") for k in out)
+    if uses_kt:
+        if not out.get("kt-weight-path"):
+            problems.append("--kt-* flags without --kt-weight-path: sglang-kt ignores KT without it "
+                            "(for FP8, pass the checkpoint folder)")
+        if out.get("kt-num-gpu-experts") is None and out.get("kt-gpu-experts-ratio") is None:
+            problems.append("neither --kt-num-gpu-experts nor --kt-gpu-experts-ratio: sglang-kt then silently "
+                            "runs without KT (every expert on the GPU); set --kt-num-gpu-experts")
+        pools = out.get("kt-threadpool-count", 2)  # sglang-kt's default
+        nodes = out.get("kt-numa-nodes")
+        if nodes is not None and len(nodes) != pools:
+            problems.append(f"--kt-numa-nodes {' '.join(map(str, nodes))}: {len(nodes)} nodes for "
+                            f"--kt-threadpool-count {pools}; give one node per pool")
+        threads = out.get("kt-cpuinfer")
+        if threads is not None and threads < pools:
+            problems.append(f"--kt-cpuinfer {threads} < --kt-threadpool-count {pools}: each pool needs a thread")
+    if spec is not None:
+        n = out.get("kt-num-gpu-experts")
+        if n is not None and n > spec.num_experts:
+            problems.append(f"--kt-num-gpu-experts {n} > the {spec.num_experts} experts a layer has")
+        method = out.get("kt-method")
+        if (method in KT_METHODS and getattr(spec, "is_fp8", False) and method != "FP8"
+                and out.get("kt-weight-path") == out.get("model-path")):
+            problems.append(f"--kt-method {method} with --kt-weight-path on the FP8 checkpoint itself: "
+                            "kt-kernel would look for converted weights; use --kt-method FP8")
+    if problems:
+        raise SettingsError("sglang-kt launch settings refused:\n  - " + "\n  - ".join(problems))
+    return out
+
+
+def check_overrides(overrides: dict[str, Any]) -> None:
+    """Names, types and allowed values of `--set` flags on their own (a typo is refused before
+    planning, whatever the verdict)."""
+    problems: list[str] = []
+    for raw, value in overrides.items():
+        name = _flag_name(raw)
+        flag = FLAGS.get(name)
+        if flag is None:
+            problems.append(f"--{name}: not a flag ktutorial emits or checks; known flags: {', '.join(FLAGS)}")
+        else:
+            _coerce(name, flag, value, problems)
+            if name == "served-model-name" and ":" in str(value):
+                problems.append(f"--served-model-name {value!r}: contains ':', which sglang reads as name:revision")
+    if problems:
+        raise SettingsError("sglang-kt launch settings refused:\n  - " + "\n  - ".join(problems))
+
+
+def parse_command(command: Sequence[str]) -> dict[str, Any]:
+    """flag -> value from a rendered command (the inverse of render_command, for checking one)."""
+    args = list(command)
+    if "sglang.launch_server" in args:
+        args = args[args.index("sglang.launch_server") + 1:]
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--"):
+            raise SettingsError(f"unexpected {token!r} in the sglang command: every argument is a --flag")
+        name, eq, inline = token[2:].partition("=")
+        name = _flag_name(name)
+        flag = FLAGS.get(name)
+        i += 1
+        if eq:
+            out[name] = inline
+            continue
+        values = []
+        while i < len(args) and not args[i].startswith("--"):
+            values.append(args[i])
+            i += 1
+        if flag is not None and flag.kind == "bool":
+            out[name] = True if not values else values[0]
+        elif flag is not None and flag.kind == "int_list":
+            out[name] = values
+        else:
+            out[name] = values[0] if len(values) == 1 else (values or None)
+            if len(values) > 1:
+                raise SettingsError(f"--{name} got {len(values)} values ({' '.join(values)}); it takes one")
+    return out
+
+
+def validate(obj: Any, spec: Any = None) -> dict[str, Any]:
+    """Check a Plan, a flag -> value dict, or a rendered command (list of strings)."""
+    if hasattr(obj, "settings") and hasattr(obj, "spec"):
+        return validate_settings({k: s.value for k, s in obj.settings.items()}, spec or obj.spec)
+    if isinstance(obj, dict):
+        return validate_settings(obj, spec)
+    return validate_settings(parse_command(obj), spec)
+
+
+# ---- rendering ------------------------------------------------------------------------------------
+
+
+def _args(name: str, value: Any) -> list[str]:
+    flag = FLAGS[name]
+    if flag.kind == "bool":
+        return [f"--{name}"] if value else []
+    if flag.kind == "int_list":
+        return [f"--{name}", *(str(v) for v in value)]
+    if flag.kind == "float":
+        return [f"--{name}", f"{value:g}" if isinstance(value, float) else str(value)]
+    return [f"--{name}", str(value)]
+
+
+def render_command(plan: Any, overrides: Optional[dict[str, Any]] = None, *, python: Optional[str] = None,
+                   expand_paths: bool = False) -> list[str]:
+    """`python -m sglang.launch_server ...` for a Plan, validated.
+
+    `overrides` (flag -> value; "--port" or "port") go on top; one that changes the memory
+    arithmetic (experts, tokens, chunk, TP, ...) re-plans, and a re-plan that does not fit is
+    refused with its numbers. `python` defaults to this interpreter; `expand_paths` turns a
+    leading "~" into the home folder (for launching; leave it off for display).
+    """
+    from ktutorial import plan as planning
+
+    overrides = {_flag_name(k): v for k, v in (overrides or {}).items()}
+    memory = {k: v for k, v in overrides.items() if k in planning.MEMORY_FLAGS}
+    if memory:
+        plan = planning.replan(plan, memory)
+        if not plan.fits:
+            raise SettingsError("the overrides do not fit: " + "; ".join(plan.reasons))
+    values = {k: s.value for k, s in plan.settings.items()}
+    values.update({k: v for k, v in overrides.items() if k not in memory})
+    checked = validate_settings(values, plan.spec)
+    if expand_paths:
+        for name in ("model-path", "kt-weight-path"):
+            if isinstance(checked.get(name), str):
+                checked[name] = os.path.expanduser(checked[name])
+    command = [python or sys.executable, *ENTRY]
+    for name, value in checked.items():
+        command += _args(name, value)
+    return command
+
+
+def render_env(plan: Any = None) -> dict[str, str]:
+    """Environment variables for the launch (each justified in ENV)."""
+    return {k: v for k, (v, _why) in ENV.items()}
+
+
+def command_line(command: Sequence[str], env: Optional[dict[str, str]] = None) -> str:
+    """One shell line to copy: this interpreter shown as `python`, a leading ~/ left unquoted."""
+    def quote(arg: str) -> str:
+        if arg == sys.executable:
+            return "python"
+        if arg.startswith("~/"):
+            return "~/" + shlex.quote(arg[2:])
+        return shlex.quote(arg)
+
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+    return (prefix + " " if prefix else "") + " ".join(quote(a) for a in command)
+
+
+# ---- sglang-kt's own parser -----------------------------------------------------------------------
+
+# Runs inside the parser venv (no ktutorial there). Prints one JSON object on its last line.
+_PROBE = r'''
+import argparse, contextlib, io, json, sys, warnings
+warnings.simplefilter("ignore")
+
+def _torchvision():
+    # torchvision's registry wheel links CUDA torch; beside CPU torch its ops library does not load,
+    # and importing it then registers fake kernels for two ops nobody defined. Define their schemas.
+    try:
+        import torchvision  # noqa: F401
+        return None
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    import torch
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import torchvision  # noqa: F401
+    return lib
+
+_keep = _torchvision()
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    from sglang.srt.server_args import ServerArgs
+
+def parser():
+    p = argparse.ArgumentParser(prog="sglang.launch_server")
+    ServerArgs.add_cli_args(p)
+    return p
+
+commands = json.load(open(sys.argv[1]))
+results = []
+for argv in commands:
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            ns = parser().parse_args(argv)
+        results.append({"ok": True, "values": {k: v for k, v in vars(ns).items()}})
+    except SystemExit as exc:
+        results.append({"ok": False, "exit": exc.code, "error": err.getvalue().strip().splitlines()[-1:]})
+flags = {}
+for a in parser()._actions:
+    for opt in a.option_strings:
+        flags[opt] = {"choices": list(a.choices) if a.choices else None, "nargs": a.nargs,
+                      "type": getattr(a.type, "__name__", None), "dest": a.dest,
+                      "takes_value": a.nargs != 0}
+print(json.dumps({"results": results, "flags": flags}, default=str))
+'''
+
+
+def default_parser_python() -> Path:
+    """The parser venv `make sglang-parser-env` builds in the repository root."""
+    return Path(__file__).resolve().parents[2] / ".venv-sglang" / "bin" / "python"
+
+
+def check_with_real_parser(commands: Sequence[Sequence[str]], python: Optional[str | Path] = None,
+                           timeout_s: float = 300) -> dict[str, Any]:
+    """Parse each command (from `--model-path` on) with sglang-kt's own argument parser.
+
+    Returns {"results": [{"ok", "values" | "error"}...], "flags": {option: {choices, dest, ...}}}.
+    Raises MissingDependency when the parser venv is not built.
+    """
+    from ktutorial.errors import MissingDependency
+
+    exe = Path(python) if python else default_parser_python()
+    if not exe.exists():
+        raise MissingDependency("sglang-kt's argument parser (.venv-sglang)", "run `make sglang-parser-env`")
+    argvs = []
+    for cmd in commands:
+        cmd = list(cmd)
+        if "sglang.launch_server" in cmd:
+            cmd = cmd[cmd.index("sglang.launch_server") + 1:]
+        argvs.append(cmd)
+    with tempfile.TemporaryDirectory(prefix="ktutorial-parser-") as tmp:
+        path = Path(tmp, "commands.json")
+        path.write_text(json.dumps(argvs))
+        env = dict(os.environ, PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
+        proc = subprocess.run([str(exe), "-c", _PROBE, str(path)], capture_output=True, text=True,
+                              timeout=timeout_s, env=env, cwd=tmp)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        raise RuntimeError("sglang-kt's parser could not run:\n" + "\n".join(tail))
+    return json.loads(lines[-1])
