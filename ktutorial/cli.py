@@ -59,6 +59,37 @@ def tiny(
         console.print(f"tiny model (seed {seed}): {model.hf_dir} and {model.gguf_path}", highlight=False)
 
 
+@app.command()
+def selftest(
+    threads: int = typer.Option(2, "--threads", min=1, help="CPU threads for kt-kernel and llama.cpp."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Generate the tiny model, run kt-kernel FP8 and llama.cpp on it for real, and check both."""
+    from ktutorial import selftest as st
+
+    report = st.run(threads=threads)
+    if as_json:
+        print_json(report)
+    else:
+        kt, ll = report["kt_kernel"], report["llamacpp"]
+        mark = lambda ok: "[green]pass[/]" if ok else "[bold red]FAIL[/]"  # noqa: E731
+        console.print(f"tiny model: {report['tiny']['layers']} layers, {report['tiny']['experts']} experts, "
+                      f"generated in {report['tiny']['seconds']} s")
+        console.print(f"kt-kernel FP8 ({kt['variant']} build): rel err {kt['rel_err']:.2e} "
+                      f"(limit {kt['rel_err_limit']:.0e}), masked experts skipped: "
+                      f"{kt['masked_experts_skipped']} -> {mark(kt['ok'])}")
+        if kt["warning"]:
+            console.print(f"[yellow]warning:[/] {kt['warning']}", highlight=False)
+        console.print(f"llama.cpp OpenAI chat: {ll['chat_answer']!r} -> {mark(ll['chat_ok'])}", highlight=False)
+        console.print(f"llama.cpp Anthropic messages: {ll['messages_answer']!r} -> {mark(ll['messages_ok'])}",
+                      highlight=False)
+        console.print(f"server stopped: {mark(ll['stopped'])}")
+        console.print(f"selftest {'passed' if report['ok'] else 'FAILED'} in {report['seconds']} s")
+    if as_json and report["kt_kernel"].get("warning"):
+        err_console.print(f"warning: {report['kt_kernel']['warning']}", highlight=False)
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
 # ==== end section: foundation ===============================================================
 
 # ==== section: check, plan and fetch (hardware, plan, doctor, download, verify) ============

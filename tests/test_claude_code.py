@@ -298,3 +298,23 @@ def test_cli_run_fails_fast_when_the_backend_is_stopped(tiny_model, token_env):
     assert out.returncode == 2
     assert url in out.stderr and "ktutorial serve --profile tiny --detach" in out.stderr
     assert FAKE_TOKEN not in out.stdout + out.stderr
+
+
+def test_run_timeout_kills_the_cli_and_says_why(tiny_model, token_env, tmp_path):
+    import psutil
+
+    from ktutorial import server
+
+    # Its own server: the abandoned request keeps llama.cpp busy until the server stops.
+    with server.serve("tiny", ctx_size=CTX_TOKENS) as srv:
+        start = time.monotonic()
+        # The full Claude Code request (~45k tokens) takes the tiny model far longer than 3 s to prefill.
+        with pytest.raises(cc.ClaudeCodeError, match="did not finish within 3 s") as info:
+            cc.run("Say hello.", srv.base_url, srv.model, timeout_s=3, state_dir=tmp_path / "state")
+        assert time.monotonic() - start < 15
+    assert "ktutorial claude-code check" in str(info.value)
+    for proc in psutil.process_iter():
+        try:
+            assert proc.environ().get("CLAUDE_CONFIG_DIR") != str(tmp_path / "state"), proc
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue

@@ -1,0 +1,34 @@
+"""`ktutorial selftest --json` end to end, as a reader runs it: real kt-kernel, real llama.cpp."""
+
+import json
+import os
+import subprocess
+import sys
+
+import psutil
+
+
+def test_selftest_passes_and_reports_its_checks(tmp_path):
+    env = dict(os.environ, KTUTORIAL_HOME=str(tmp_path / "home"))
+    before = {p.pid for p in psutil.process_iter()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ktutorial.cli", "selftest", "--json"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    kt, ll = report["kt_kernel"], report["llamacpp"]
+    assert kt["variant"] in {"amx", "avx512_bf16", "avx512_vbmi", "avx512_vnni", "avx512_base", "avx2"}
+    assert 0 < kt["rel_err"] < 1e-2 and kt["nonzero"] and kt["masked_experts_skipped"]
+    assert ll["chat_ok"] and ll["messages_ok"] and ll["stopped"]
+    assert ll["chat_answer"].strip() == ll["expected_answer"]
+    assert report["seconds"] > 0 and report["ok"] is True
+    # The slow AVX2 build is named on stderr, never silently used.
+    if kt["variant"] == "avx2":
+        assert "avx2" in proc.stderr and kt["warning"]
+    # No llama.cpp child outlives the selftest.
+    leftover = [
+        p for p in psutil.process_iter(["pid", "cmdline"])
+        if p.pid not in before and "ktutorial.engines.llamacpp" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert not leftover
