@@ -36,6 +36,11 @@ INSTALL_HINT = (
     f"run `make tools` (installs {CLAUDE_CODE_NPM} into ./.tools), or "
     f"`npm install --prefix .tools {CLAUDE_CODE_NPM}` (Node.js 18+)"
 )
+CONTEXT_HINT = (
+    "Claude Code's full first request is about 77 KB (~20k tokens for MiniMax-M2's tokenizer, ~45k "
+    "for the tiny model's): serve with a larger context (llama.cpp: --ctx-size 65536), or shrink the "
+    "request with `--tools Bash --system-prompt \"Be terse.\"`"
+)
 START_HINT = "start one with `ktutorial serve --profile tiny --detach`, or pass --base-url"
 
 TOKEN_ENV_VARS = ("KTUTORIAL_API_KEY", "ANTHROPIC_AUTH_TOKEN")
@@ -50,7 +55,7 @@ DEFAULT_API_TIMEOUT_MS = 900_000
 # A few retries ride out a busy server; more hide a dead one for minutes (FACTS).
 DEFAULT_MAX_RETRIES = 2
 
-# What Claude Code 2.1.197 put in `anthropic-beta` when we captured one of its requests.
+# Most of what Claude Code 2.1.197 put in `anthropic-beta` when we captured one of its requests.
 CLAUDE_CODE_BETAS = (
     "claude-code-20250219",
     "interleaved-thinking-2025-05-14",
@@ -490,10 +495,7 @@ def _api_failure(exc: Exception, url: str, what_fix: str = "") -> tuple[str, str
                 "server, or put claude-code-router in front of an OpenAI-only server"
             )
         if "context" in message.lower() and ("exceed" in message.lower() or "size" in message.lower()):
-            return detail, (
-                "the request does not fit the server's context: Claude Code's first request alone is "
-                "12k-20k tokens; serve with a context of 32k tokens or more"
-            )
+            return detail, "the request does not fit the server's context: " + CONTEXT_HINT
         if status >= 500:
             return detail, "the server failed on this request: read its log (the error is there)"
         return detail, what_fix or "the server rejected this part of the request: see the message"
@@ -573,8 +575,9 @@ def check(
     try:
         names = probe(base_url)
     except UserError as exc:
-        add(CHECK_NAMES[0], False, str(exc).split(":")[0] + f" ({base_url})", START_HINT, time.perf_counter() - start)
-        return not_run("the backend is not reachable", START_HINT)
+        fix = str(exc).rsplit(": ", 1)[-1] if "API key" in str(exc) else START_HINT
+        add(CHECK_NAMES[0], False, str(exc).split(": start one")[0], fix, time.perf_counter() - start)
+        return not_run("the backend is not reachable", fix)
     add(CHECK_NAMES[0], True, f"GET {base_url}/v1/models answered", elapsed_s=time.perf_counter() - start)
     if not model:
         if len(names) != 1:
@@ -919,8 +922,7 @@ def run(
         said = result.result or stderr.strip()[-500:] or stdout.strip()[-500:] or "no output"
         fix = "run `ktutorial claude-code check` to see which part of the request the backend gets wrong"
         if "context" in said.lower():
-            fix = ("serve with a context of 32k tokens or more: Claude Code's first request alone is "
-                   "12k-20k tokens")
+            fix = CONTEXT_HINT
         elif "ECONNREFUSED" in said or "Unable to connect" in said or "Connection error" in said:
             fix = START_HINT
         raise ClaudeCodeError(
@@ -1035,12 +1037,21 @@ def _wrap_command(cmd: list[str]) -> str:
     """A long command as shell lines, one flag (with its values) a line."""
     import shlex
 
+    def quote(arg: str) -> str:
+        # ~/ stays unquoted so the shell expands it; the rest as shlex would.
+        if arg.startswith("~/") and shlex.quote(arg[2:]) == arg[2:]:
+            return arg
+        return shlex.quote(arg)
+
+    cmd = list(cmd)
+    if cmd and os.path.isabs(cmd[0]) and re.fullmatch(r"python[0-9.]*", os.path.basename(cmd[0])):
+        cmd[0] = "python"  # this machine's interpreter path means nothing to a reader
     groups: list[list[str]] = [[]]
     for arg in cmd:
         if arg.startswith("--") and groups[-1]:
             groups.append([])
         groups[-1].append(arg)
-    return " \\\n  ".join(shlex.join(g) for g in groups)
+    return " \\\n  ".join(" ".join(quote(a) for a in g) for g in groups)
 
 
 def backend_docs(
@@ -1075,7 +1086,8 @@ Claude Code speaks the Anthropic Messages API (`POST /v1/messages?beta=true`, st
 Bearer auth, about twenty tools, `thinking`, a system prompt in blocks and a `role: system` entry
 inside `messages`). SGLang-kt and llama.cpp's server both serve that API themselves: point
 `ANTHROPIC_BASE_URL` at the server and name the served model. Claude Code {CLAUDE_CODE_VERSION}
-(`make tools`) was checked against llama.cpp on the tiny model.
+(`make tools`) was checked against llama.cpp on the tiny model: every item of the smoke test, and
+real turns in which it ran the Bash tool the model called and answered after its result.
 
 ### SGLang-kt (MiniMax-M2.1 with KT-Kernel)
 
@@ -1098,8 +1110,11 @@ llama-server -m MiniMax-M2.1-Q8_0.gguf --jinja --alias {sglang_model} --host 127
 ```
 
 `--jinja` makes llama.cpp use the GGUF's chat template, which turns `<think>` into thinking blocks and
-`<minimax:tool_call>` into tool_use blocks. Give it a context of 32k tokens or more: Claude Code's
-first request alone is 12k-20k tokens.
+`<minimax:tool_call>` into tool_use blocks. Give it room: Claude Code's full first request is about
+77 KB (some 20k tokens for MiniMax-M2's 200k vocabulary, 45k for the tiny model's small one), so
+serve with `-c 65536`. On the tiny model (a 4096-token context, two CPU cores) shrink the request
+instead: `ktutorial claude-code run --tools Bash --system-prompt "Be terse." "..."` sends about 2k
+tokens of the same shape and finishes a tool round trip in seconds.
 
 ### Point Claude Code at the server
 

@@ -742,9 +742,7 @@ def claude_check_cmd(
     timeout_s: float = typer.Option(300.0, "--timeout-s", help="Limit for each request."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Send what Claude Code sends (streamed /v1/messages?beta=true, Bearer auth, system blocks, a
-    dozen tools, a mid-conversation system message, thinking, a tool round trip); each part works
-    or fails with the fix. Exits 1 if any part fails."""
+    """Call the backend the way Claude Code does; each part works or fails, with the fix (exit 1 if any fails)."""
     from dataclasses import asdict
 
     from rich.table import Table

@@ -288,33 +288,42 @@ def llamacpp_vs_kt(records: Sequence[dict], out_dir: Path) -> list[Path]:
 
 
 def hybrid_vs_gpu_experts(records: Sequence[dict], out_dir: Path) -> list[Path]:
-    """Layer latency against the number of experts on the GPU, CPU-only and GPU-only ends marked."""
+    """Layer latency against the number of experts on the GPU, CPU-only and GPU-only ends marked.
+
+    One panel per token count: a decoded token takes milliseconds and a prefill chunk seconds,
+    so on one axis the decode lines would lie flat on zero."""
     hyb = [r for r in records if r["kind"] == HYBRID_KIND]
     if not hyb:
         return []
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     groups = results.compare(hyb, ["routing", "tokens", "n_gpu_experts"], metrics=["latency_ms"])
-    lines: dict[tuple, list] = {}
-    for g in groups:
-        lines.setdefault((g["key"]["routing"], g["key"]["tokens"]), []).append(g)
+    token_counts = sorted({g["key"]["tokens"] for g in groups}, key=_order)
+    fig, axes = plt.subplots(1, len(token_counts), figsize=(5.5 * len(token_counts), 4.5), squeeze=False)
     all_x = [g["key"]["n_gpu_experts"] for g in groups if _num(g["key"]["n_gpu_experts"]) is not None]
-    for (routing, tokens), gs in sorted(lines.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        gs = sorted(gs, key=lambda g: _order(g["key"]["n_gpu_experts"]))
-        ax.errorbar([g["key"]["n_gpu_experts"] for g in gs], [g["metrics"]["latency_ms"]["mean"] for g in gs],
-                    yerr=[g["metrics"]["latency_ms"]["stdev"] or 0 for g in gs], marker="o", capsize=3,
-                    label=f"{routing} routing, {tokens} tok")
-    if all_x:
-        n_experts = max(_num(field(r, "experts")) or 0 for r in hyb) or max(all_x)
-        lo, hi = min(all_x), n_experts
-        ax.axvline(lo, color="gray", linestyle=":")
-        ax.axvline(hi, color="gray", linestyle=":")
-        ax.annotate("CPU only", (lo, 1), xycoords=("data", "axes fraction"), ha="left", va="top", fontsize=8)
-        ax.annotate("GPU only", (hi, 1), xycoords=("data", "axes fraction"), ha="right", va="top", fontsize=8)
-    ax.set_xlabel("experts per layer on the GPU")
-    ax.set_ylabel("layer latency (ms)")
-    ax.set_title("hybrid MoE layer: GPU experts + kt-kernel CPU experts", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    n_experts = (max(_num(field(r, "experts")) or 0 for r in hyb) or max(all_x)) if all_x else None
+    for ax, tokens in zip(axes[0], token_counts):
+        lines: dict[str, list] = {}
+        for g in groups:
+            if g["key"]["tokens"] == tokens:
+                lines.setdefault(g["key"]["routing"], []).append(g)
+        for routing, gs in sorted(lines.items(), key=lambda kv: str(kv[0])):
+            gs = sorted(gs, key=lambda g: _order(g["key"]["n_gpu_experts"]))
+            ax.errorbar([g["key"]["n_gpu_experts"] for g in gs], [g["metrics"]["latency_ms"]["mean"] for g in gs],
+                        yerr=[g["metrics"]["latency_ms"]["stdev"] or 0 for g in gs], marker="o", capsize=3,
+                        label=f"{routing} routing")
+        if all_x:
+            lo = min(all_x)
+            ax.axvline(lo, color="gray", linestyle=":")
+            ax.axvline(n_experts, color="gray", linestyle=":")
+            ax.annotate("CPU only", (lo, 1), xycoords=("data", "axes fraction"), ha="left", va="top", fontsize=8)
+            ax.annotate("GPU only", (n_experts, 1), xycoords=("data", "axes fraction"), ha="right", va="top",
+                        fontsize=8)
+        ax.set_xlabel("experts per layer on the GPU")
+        ax.set_ylabel("layer latency (ms)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{tokens} token{'s' if str(tokens) != '1' else ''} per layer call", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("hybrid MoE layer: GPU experts + kt-kernel CPU experts, run concurrently", fontsize=10)
     return [_save(fig, out_dir / "hybrid_gpu_experts.png")]
 
 

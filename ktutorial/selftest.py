@@ -66,6 +66,7 @@ def _llamacpp_check(tiny_model, threads: int) -> dict[str, Any]:
     result: dict[str, Any] = {"expected_answer": expected}
     with server.Server(launch).start() as srv:
         pid = srv.pid
+        result["pid"] = pid
         result["base_url"] = srv.base_url
         chat = client.chat(srv.base_url, srv.model, "hello", temperature=0)
         result["chat_answer"] = chat.content

@@ -257,6 +257,18 @@ def _stop_at_exit() -> None:
             pass
 
 
+def _exit_on_sigterm() -> None:
+    """Python's default SIGTERM ends the process without running atexit, which would orphan
+    the servers it started; turn SIGTERM into SystemExit so _stop_at_exit runs. Only where no
+    one else has claimed the signal, and only from the main thread (signal's own rule)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def _tail(path: Optional[Path], lines: int = 40) -> str:
     if not path or not Path(path).exists():
         return ""
@@ -376,6 +388,7 @@ class Server:
         except psutil.Error:
             self.create_time = None
         _live_servers.add(self)
+        _exit_on_sigterm()
         self._write_state()
         if wait:
             try:

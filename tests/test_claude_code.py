@@ -144,6 +144,18 @@ def test_backend_docs_name_both_backends_and_their_flags():
         assert needle in text, needle
 
 
+def test_backend_docs_print_a_rendered_sglang_command_pasteable():
+    rendered = [sys.executable, "-m", "sglang.launch_server", "--model-path", "~/models/MiniMax-M2.1",
+                "--kt-method", "FP8", "--tool-call-parser", "minimax-m2", "--port", "30000"]
+    text = cc.backend_docs(sglang_command=rendered)
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert block.startswith("python -m sglang.launch_server \\\n")
+    assert sys.executable not in text  # no path of this machine
+    assert "--model-path ~/models/MiniMax-M2.1 \\\n" in block  # ~ left for the shell to expand
+    assert block.count("--tool-call-parser") == 1  # not added twice
+    assert "--reasoning-parser minimax-append-think" in block  # added where missing
+
+
 def test_missing_cli_says_how_to_install(monkeypatch):
     monkeypatch.setattr(cc, "_local_candidates", lambda: [])
     monkeypatch.setenv("PATH", "/nonexistent")
@@ -166,6 +178,7 @@ def test_check_on_a_dead_port_reports_each_item_not_run():
     assert [r.name for r in results] == list(cc.CHECK_NAMES)
     assert not any(r.ok for r in results)
     assert "ktutorial serve --profile tiny --detach" in results[0].fix
+    assert results[0].detail.startswith("no backend answers at http://127.0.0.1:")
 
 
 # ---- against llama.cpp on the tiny model ------------------------------------------------
@@ -291,6 +304,10 @@ def test_cli_run_fails_fast_when_the_backend_is_stopped(tiny_model, token_env):
 
     with server.serve("tiny", ctx_size=4096) as srv:
         url = srv.base_url
+        # While it runs: Claude Code's full request does not fit 4096 tokens, and the error says so.
+        with pytest.raises(cc.ClaudeCodeError, match="exceeds the available context") as info:
+            cc.run("Say hello.", url, srv.model, timeout_s=60)
+        assert "--tools Bash" in str(info.value) and info.value.run_result.exit_code == 1
     start = time.monotonic()
     out = _cli("claude-code", "run", "hello", "--base-url", url, "--model", srv.model, timeout=60)
     elapsed_s = time.monotonic() - start

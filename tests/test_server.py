@@ -488,3 +488,35 @@ def test_stop_picks_one_of_several_servers(tiny_model):
         first.stop()
         second.stop()
     assert gone(first.pid)
+
+
+def test_sigterm_to_the_starting_process_stops_its_server(tiny_model):
+    """A notebook kernel or script ended by SIGTERM must not orphan the server it started."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    code = (
+        "from ktutorial import server, tiny\n"
+        "m = tiny.ensure()\n"
+        "srv = server.Server(server.llamacpp_launch(m.gguf_path, 'sigterm-test')).start()\n"
+        "print(srv.pid, flush=True)\n"
+        "import time; time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(proc.stdout.readline())
+        assert psutil.pid_exists(pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"llama.cpp child {pid} outlived its parent's SIGTERM")
+    finally:
+        proc.kill()
