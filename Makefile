@@ -27,8 +27,14 @@ $(BIN)/ktutorial: pyproject.toml
 
 setup: $(BIN)/ktutorial
 
-tutorial: setup
+# tools: notebook 05 runs one real Claude Code turn; sglang-parser-env: notebook 02 checks the
+# rendered SGLang command with sglang-kt's own parser. Both are set-up, installed once.
+tutorial: setup tools sglang-parser-env
 	$(BIN)/ktutorial tutorial --profile $(PROFILE) --out $(OUT)
+
+# The site only, from the notebooks `make tutorial` executed into $(OUT)/notebooks.
+docs: setup
+	$(BIN)/ktutorial docs --out $(OUT)
 
 selftest: setup
 	$(BIN)/ktutorial selftest

@@ -887,6 +887,70 @@ def hybrid_routing(
 # ==== end section: inside kt ================================================================
 
 # ==== section: tutorial (tutorial, docs) ====================================================
+@app.command("tutorial")
+def tutorial_cmd(
+    profile: str = typer.Option("tiny", "--profile", help="tiny (no GPU, the default) or minimax-m2.1 (a GPU workstation), or a profile .yaml."),
+    out: str = typer.Option("build", "--out", help="Folder for the executed notebooks, records, figures and the site."),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only this notebook (e.g. 02_launch); repeat it."),
+    no_site: bool = typer.Option(False, "--no-site", help="Do not build the site afterwards."),
+) -> None:
+    """Run every notebook in order with papermill under a profile, then build the site. Stops the
+    servers the notebooks started; a failed notebook stops the run, naming the cell and error."""
+    import time
+    from pathlib import Path
+
+    from ktutorial import notebooks
+
+    start = time.perf_counter()
+    console.print(f"ktutorial tutorial: profile {profile}, output in {out}/", highlight=False)
+    result = notebooks.run_tutorial(profile, out, only=only or None, build_site=False,
+                                    progress=notebooks.main_progress(console))
+    for entry in result.stopped_servers:
+        console.print(f"stopped the {entry['engine']} server the notebooks left running (pid {entry['pid']})",
+                      highlight=False)
+    site = None
+    if not no_site:
+        from ktutorial.docs import build_site
+
+        console.print("site: mkdocs build --strict ...", highlight=False)
+        t0 = time.perf_counter()
+        try:
+            site = build_site(out)
+        except UserError as exc:
+            if not only:
+                raise
+            console.print(f"site not built: {exc}", highlight=False)  # a partial run
+        else:
+            console.print(f"site built in {time.perf_counter() - t0:.1f} s", highlight=False)
+    total = time.perf_counter() - start
+    o = Path(out)
+    lines = [
+        f"done in {total:.1f} s ({result.seconds:.1f} s in notebooks). Look at:",
+        f"  {o / 'notebooks'}/  the executed notebooks",
+        f"  {o / 'records'}/    the records they wrote (tables and charts: ktutorial report {o / 'records'} --out {o / 'report'})",
+        f"  {o / 'figures'}/    the charts",
+    ]
+    if site is not None:
+        lines.append(f"  {o / 'site'}/       the site: python -m http.server -d {o / 'site'} 8000, then http://127.0.0.1:8000")
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command("docs")
+def docs_cmd(
+    out: str = typer.Option("build", "--out", help="The folder `ktutorial tutorial` wrote (its notebooks/ and records/)."),
+) -> None:
+    """Rebuild the site only (mkdocs build --strict) from the executed notebooks in OUT/notebooks,
+    pages generated from the code, and the committed records."""
+    from pathlib import Path
+
+    from ktutorial.docs import build_site
+
+    build_site(out)
+    site = Path(out) / "site"
+    console.print(f"site: {site}/ (serve it: python -m http.server -d {site} 8000)", highlight=False, soft_wrap=True)
+
+
 # ==== end section: tutorial =================================================================
 
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ktutorial import ktkernel
 from ktutorial.errors import UserError
 
 # Decode on a small machine slows ~10x when torch's OpenMP threads spin while kt-kernel's pool
@@ -295,23 +296,6 @@ def _drop_foreign_buffers(x: torch.Tensor) -> None:
 _KT_CACHE: dict[tuple[str, int], KTLayer] = {}
 
 
-@contextmanager
-def _stdout_to_stderr():
-    """kt-kernel's loaders print progress on stdout (Python and C++ alike): send file
-    descriptor 1 to stderr meanwhile, so `--json` output stays parseable."""
-    import sys
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def kt_layers(hf_dir: str | Path, threads: int = 1, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> list[KTLayer]:
     """One KTLayer per MoE layer, cached per process: kt-kernel keeps one CPU thread pool per
     process (the first thread count wins) and loading is the slow part."""
@@ -323,7 +307,7 @@ def kt_layers(hf_dir: str | Path, threads: int = 1, chunk_tokens: int = DEFAULT_
     for idx in range(spec.num_layers):
         key = (str(hf_dir), idx)
         if key not in _KT_CACHE:
-            with _stdout_to_stderr():
+            with ktkernel.native_stdout_to_stderr():
                 _KT_CACHE[key] = KTLayer(hf_dir, idx, spec, threads, chunk_tokens)
         layers.append(_KT_CACHE[key])
     return layers

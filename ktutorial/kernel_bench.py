@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from ktutorial.errors import MissingDependency, UserError
+from ktutorial.tiny import bytes_to_unicode
 
 # Quantization blocks: FP8 checkpoints scale 128 x 128 blocks, Q8_0 scales 32 values.
 FP8_BLOCK = 128
@@ -706,20 +707,6 @@ def run_kt_kernel(
 # llama.cpp: a random minimax-m2 GGUF at Q8_0 with full-size MoE layers
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's byte -> printable character map (the byte-level BPE vocabulary)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
-
-
 @dataclass
 class GgufInfo:
     path: str
@@ -751,7 +738,7 @@ def write_random_q8_gguf(path: str | os.PathLike, shape: LayerShape, layers: int
     t_start = time.perf_counter()
     e, h, f, k = shape.experts, shape.hidden, shape.intermediate, shape.top_k
     head_dim, heads = 128, 1
-    tokens = _bytes_to_unicode() + ["ĠĠ", "<eos>"]
+    tokens = list(bytes_to_unicode().values()) + ["ĠĠ", "<eos>"]
     vocab = len(tokens)
     rng = np.random.default_rng(seed)
 

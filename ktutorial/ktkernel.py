@@ -106,7 +106,7 @@ _EXIT_HOOKED = False
 
 
 @contextlib.contextmanager
-def _native_stdout_to_stderr():
+def native_stdout_to_stderr():
     """kt-kernel's C++ and loader print progress on stdout; keep stdout for our JSON."""
     sys.stdout.flush()
     saved = os.dup(1)
@@ -172,7 +172,7 @@ class CPUExperts:
                 stacklevel=2,
             )
         _hook_exit_banner()
-        with _native_stdout_to_stderr():
+        with native_stdout_to_stderr():
             self._load(kt, base, hf_dir, layer_idx, e, mask, threads)
 
     def _load(self, kt, base, hf_dir, layer_idx, e, mask, threads):

@@ -255,7 +255,7 @@ class TinyModel:
 # --- vocabulary ----------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-level alphabet: each byte as one printable character."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -268,7 +268,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-_B2U = _bytes_to_unicode()
+_B2U = bytes_to_unicode()
 
 
 def _enc(text: str) -> str:

@@ -118,8 +118,9 @@ def test_cli_bench_defaults_to_the_running_server(tiny_server, tmp_path, capsys)
 
 
 def test_bad_input_is_refused_with_the_fix(tiny_server, tmp_path, capsys):
-    with pytest.raises(UserError, match="context of 4096 tokens"):
-        bench.measure(tiny_server.base_url, input_lens=[5000], output_len=8, repeats=1, warmup=0)
+    # A prompt longer than the server's context is refused before a request is sent.
+    with pytest.raises(UserError, match="context of 65536 tokens"):
+        bench.measure(tiny_server.base_url, input_lens=[70000], output_len=8, repeats=1, warmup=0)
     assert main(["bench", "--base-url", tiny_server.base_url, "--input-lens", "2k,abc", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "not a whole number" in capsys.readouterr().err
     assert bench.parse_lens("2k, 8192 ,32k") == [2048, 8192, 32768]

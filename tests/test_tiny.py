@@ -134,7 +134,7 @@ def test_gguf_metadata(tiny_model):
 
 def test_vocabulary_holds_bytes_and_markers():
     v = tiny.build_vocab()
-    byte_level = set(tiny._bytes_to_unicode().values())
+    byte_level = set(tiny.bytes_to_unicode().values())
     assert byte_level <= set(v.tokens)
     for t in tiny.CONTROL_TOKENS + tiny.MARKUP_TOKENS:
         assert v.tokens[v.id(t)] == t
