@@ -919,7 +919,7 @@ def tutorial_cmd(
         except UserError as exc:
             if not only:
                 raise
-            console.print(f"site not built: {exc}", highlight=False)  # a partial run
+            console.print(f"site not built: {exc}", highlight=False, soft_wrap=True)  # a partial run
         else:
             console.print(f"site built in {time.perf_counter() - t0:.1f} s", highlight=False)
     total = time.perf_counter() - start

@@ -92,7 +92,8 @@ def _failed_cell(output: Path) -> str:
         return "unknown cell"
     code_index = 0
     for cell in nb.get("cells", []):
-        if cell.get("cell_type") != "code":
+        # Counted as in the stored notebook: papermill's injected parameters cell is not there.
+        if cell.get("cell_type") != "code" or "injected-parameters" in cell.get("metadata", {}).get("tags", []):
             continue
         code_index += 1
         for out in cell.get("outputs", []):
@@ -110,7 +111,7 @@ def error_cells(path: Path) -> list[str]:
     nb = json.loads(Path(path).read_text())
     found, code_index = [], 0
     for cell in nb.get("cells", []):
-        if cell.get("cell_type") != "code":
+        if cell.get("cell_type") != "code" or "injected-parameters" in cell.get("metadata", {}).get("tags", []):
             continue
         code_index += 1
         for out in cell.get("outputs", []):
@@ -606,19 +607,6 @@ def settings_table(plan) -> None:
     _markdown(table(rows))
 
 
-def schema_table(flags: Optional[Iterable[str]] = None) -> None:
-    """settings_schema() as a table (optionally only `flags`): the key parameters and what each trades."""
-    from ktutorial.engines import sglang_kt
-
-    wanted = {("--" + f.lstrip("-")) for f in flags} if flags else None
-    rows = [
-        {"flag": f"`{row['flag']}`", "type": row["type"], "allowed": row["choices"], "why": row["why"]}
-        for row in sglang_kt.settings_schema()
-        if wanted is None or row["flag"] in wanted
-    ]
-    _markdown(table(rows))
-
-
 def published_runs_table(rows: list[dict]) -> None:
     """plan.published_runs_comparison(): the planner's settings beside the published ones."""
     out = []
@@ -853,7 +841,7 @@ def gpu_experts_tradeoff(plan, out_dir: str | Path) -> list[Path]:
         ax.axvline(chosen.value, color="green", alpha=0.5)
         ax.annotate(f"plan: {chosen.value} experts, {gpu['kv_pool_tokens'] / 1000:.0f}k tokens",
                     (chosen.value, gpu["kv_pool_tokens"] / 1000), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    ax.set_xlabel("--kt-num-gpu-experts (per layer, on each GPU's share)")
+    ax.set_xlabel("--kt-num-gpu-experts (experts per layer on the GPU)")
     ax.set_ylabel("KV-cache tokens that fit (thousands)")
     ax.set_title(f"{plan.hardware.gpu_name}: {free:.1f} of {capacity:g} GiB left after the fixed parts; "
                  f"{per_expert:.2f} GiB per GPU expert", fontsize=9)
