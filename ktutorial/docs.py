@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from ktutorial.report import markdown_table as _md_table
 from ktutorial.errors import UserError
 
 NOTEBOOK_TITLES = {
@@ -48,16 +49,6 @@ def _root() -> Path:
     from ktutorial.notebooks import repo_root
 
     return repo_root()
-
-
-def _md_cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # ---- reference: the command line ----------------------------------------------------------------

@@ -356,7 +356,7 @@ def _cell(value: Any) -> str:
         return ", ".join(_cell(v) for v in value)
     if isinstance(value, dict):
         return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return str(value)  # markdown_table escapes '|' and newlines
 
 
 def table(rows: Sequence[dict] | dict, columns: Optional[Sequence[str]] = None) -> str:
@@ -368,10 +368,9 @@ def table(rows: Sequence[dict] | dict, columns: Optional[Sequence[str]] = None) 
     if not rows:
         return "(nothing to show)"
     columns = list(columns or dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(c)) for c in columns) + " |")
-    return "\n".join(lines)
+    from ktutorial.report import markdown_table
+
+    return markdown_table(columns, ([_cell(r.get(c)) for c in columns] for r in rows))
 
 
 def _as_dict(obj: Any) -> Optional[dict]:

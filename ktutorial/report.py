@@ -49,11 +49,20 @@ def _pm(s: dict) -> str:
     return f"{fmt(s['mean'])} ± {fmt(s['stdev'])}" if s["n"] > 1 else fmt(s["mean"])
 
 
-def _md(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+def md_cell(value: Any) -> str:
+    """One markdown table cell: a '|' inside would end the cell, a newline the row."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
+    """The one markdown-table writer for reports, docs and notebooks (headers escaped too)."""
+    lines = ["| " + " | ".join(md_cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
+        lines.append("| " + " | ".join(md_cell(c) for c in row) + " |")
     return "\n".join(lines)
+
+
+_md = markdown_table
 
 
 def _hardware(recs: Sequence[dict]) -> tuple[str, str]:
