@@ -84,40 +84,37 @@ class TutorialResult:
         return sum(r.seconds for r in self.runs)
 
 
+def _errors(nb: dict):
+    """(code cell number, cell, error output) for each error in an executed notebook, numbered
+    as in the stored notebook: papermill's injected parameters cell is not counted."""
+    code_index = 0
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") != "code" or "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            continue
+        code_index += 1
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                yield code_index, cell, out
+
+
 def _failed_cell(output: Path) -> str:
     """Name the cell that failed in an executed notebook: its index and first source line."""
     try:
         nb = json.loads(output.read_text())
     except (OSError, json.JSONDecodeError):
         return "unknown cell"
-    code_index = 0
-    for cell in nb.get("cells", []):
-        # Counted as in the stored notebook: papermill's injected parameters cell is not there.
-        if cell.get("cell_type") != "code" or "injected-parameters" in cell.get("metadata", {}).get("tags", []):
-            continue
-        code_index += 1
-        for out in cell.get("outputs", []):
-            if out.get("output_type") == "error":
-                src = "".join(cell.get("source", "")).strip().splitlines()
-                first = src[0] if src else ""
-                evalue = str(out.get("evalue", "")).strip().splitlines()
-                return (f"code cell {code_index} ({first[:80]!r}): {out.get('ename')}: "
-                        f"{evalue[0][:300] if evalue else ''}")
+    for code_index, cell, out in _errors(nb):
+        src = "".join(cell.get("source", "")).strip().splitlines()
+        first = src[0] if src else ""
+        evalue = str(out.get("evalue", "")).strip().splitlines()
+        return f"code cell {code_index} ({first[:80]!r}): {out.get('ename')}: {evalue[0][:300] if evalue else ''}"
     return "unknown cell"
 
 
 def error_cells(path: Path) -> list[str]:
     """Every error output of an executed notebook, as 'cell N: Name: message' lines."""
     nb = json.loads(Path(path).read_text())
-    found, code_index = [], 0
-    for cell in nb.get("cells", []):
-        if cell.get("cell_type") != "code" or "injected-parameters" in cell.get("metadata", {}).get("tags", []):
-            continue
-        code_index += 1
-        for out in cell.get("outputs", []):
-            if out.get("output_type") == "error":
-                found.append(f"cell {code_index}: {out.get('ename')}: {str(out.get('evalue'))[:200]}")
-    return found
+    return [f"cell {i}: {out.get('ename')}: {str(out.get('evalue'))[:200]}" for i, _, out in _errors(nb)]
 
 
 _TEXT_MIMES = ("text/plain", "text/markdown", "text/html", "application/json")
