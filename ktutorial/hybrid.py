@@ -1095,10 +1095,9 @@ def plot_routing(study: RoutingStudy, path: str | Path) -> Path:
     ax_cov.set_ylim(0, 100)
     ax_cov.grid(alpha=0.3)
     ax_cov.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from ktutorial.plots import save_figure
+
+    return save_figure(fig, Path(path))
 
 
 def routing_records(study: RoutingStudy, model: str, env: dict | None = None) -> list[dict[str, Any]]:

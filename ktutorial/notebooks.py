@@ -727,11 +727,9 @@ def plot_download(plan, out_dir: str | Path) -> list[Path]:
                  f"{free:.0f} GB free here", fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
     ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    path = figures_dir(out_dir) / "download_files.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    from ktutorial.plots import save_figure
+
+    return [save_figure(fig, figures_dir(out_dir) / "download_files.png")]
 
 
 # =============================================================================================
@@ -843,11 +841,9 @@ def gpu_experts_tradeoff(plan, out_dir: str | Path) -> list[Path]:
                  f"{per_expert:.2f} GiB per GPU expert", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = figures_dir(out_dir) / "gpu_experts_tradeoff.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    from ktutorial.plots import save_figure
+
+    return [save_figure(fig, figures_dir(out_dir) / "gpu_experts_tradeoff.png")]
 
 
 # =============================================================================================
@@ -968,11 +964,9 @@ def plot_token_times(record: dict, out_dir: str | Path) -> list[Path]:
                  fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = figures_dir(out_dir) / "token_times.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    from ktutorial.plots import save_figure
+
+    return [save_figure(fig, figures_dir(out_dir) / "token_times.png")]
 
 
 # =============================================================================================
@@ -1206,11 +1200,9 @@ def plot_speedups(published: dict, records: Sequence[dict], out_dir: str | Path)
     ax.set_title("How much faster KT is: published beside measured", fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = figures_dir(out_dir) / "kt_vs_llamacpp_ratios.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    from ktutorial.plots import save_figure
+
+    return [save_figure(fig, figures_dir(out_dir) / "kt_vs_llamacpp_ratios.png")]
 
 
 def bench_observations(records: Sequence[dict]) -> None:
@@ -1261,11 +1253,9 @@ def plot_checks(checks: Sequence, out_dir: str | Path) -> list[Path]:
     ax.set_title("each part of a Claude Code request, replayed (green: works)", fontsize=9)
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    path = figures_dir(out_dir) / "claude_code_checks.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    from ktutorial.plots import save_figure
+
+    return [save_figure(fig, figures_dir(out_dir) / "claude_code_checks.png")]
 
 
 def claude_turn(prompt: str, backend: Backend, timeout_s: float = 120, **kwargs):

@@ -21,7 +21,8 @@ from ktutorial.results import field  # noqa: E402
 DPI = 120
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Every chart ktutorial writes goes through here: one size, one layout, figure closed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -84,7 +85,7 @@ def bench_vs_input_len(
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-        paths.append(_save(fig, out_dir / name))
+        paths.append(save_figure(fig, out_dir / name))
     return paths
 
 
@@ -132,7 +133,7 @@ def sweep_by_knob(records: Sequence[dict], out_dir: Path) -> list[Path]:
                 ax.legend(fontsize=6)
             fig.suptitle(f"sweep {sweep_name}: by {knob}", fontsize=10)
             safe = "".join(c if c.isalnum() else "_" for c in f"{sweep_name}_{knob}").strip("_")
-            paths.append(_save(fig, out_dir / f"sweep_{safe}.png"))
+            paths.append(save_figure(fig, out_dir / f"sweep_{safe}.png"))
     return paths
 
 
@@ -245,7 +246,7 @@ def kernel_vs_threads(records: Sequence[dict], out_dir: Path) -> list[Path]:
                 ax.legend(fontsize=7)
         fig.suptitle(f"kt-kernel FP8 MoE layer, shape {shape}, on {host}", fontsize=10)
         name = "kernel_threads.png" if len(runs) == 1 else f"kernel_threads_{h_i + 1}.png"
-        paths.append(_save(fig, out_dir / name))
+        paths.append(save_figure(fig, out_dir / name))
     return paths
 
 
@@ -281,7 +282,7 @@ def llamacpp_vs_kt(records: Sequence[dict], out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
     shapes = ", ".join(sorted({str(sh) for _, sh in runs}))
     fig.suptitle(f"one MoE layer (shape {shapes}), CPU only: llama.cpp beside kt-kernel", fontsize=10)
-    return [_save(fig, out_dir / "llamacpp_vs_kt.png")]
+    return [save_figure(fig, out_dir / "llamacpp_vs_kt.png")]
 
 
 # ---- hybrid layer -----------------------------------------------------------------------------
@@ -324,7 +325,7 @@ def hybrid_vs_gpu_experts(records: Sequence[dict], out_dir: Path) -> list[Path]:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("hybrid MoE layer: GPU experts + kt-kernel CPU experts, run concurrently", fontsize=10)
-    return [_save(fig, out_dir / "hybrid_gpu_experts.png")]
+    return [save_figure(fig, out_dir / "hybrid_gpu_experts.png")]
 
 
 # ---- planner memory ----------------------------------------------------------------------------
@@ -416,4 +417,4 @@ def memory_breakdown(memory: Any, out_dir: Path, title: str = "planned memory") 
     for ax, (name, unit, parts, capacity) in zip(axes, devices):
         _stacked(ax, parts, capacity, unit, name)
     fig.suptitle(title, fontsize=10)
-    return [_save(fig, out_dir / "plan_memory.png")]
+    return [save_figure(fig, out_dir / "plan_memory.png")]
