@@ -249,14 +249,20 @@ class SGLang(_Engine):
             return None
 
     def describe(self):
-        try:
-            info = self.http.get(self.base_url + "/get_server_info", timeout=30).json()
-        except (httpx.HTTPError, ValueError):
-            return {}
-        keep = ("version", "kt_method", "kt_num_gpu_experts", "kt_cpuinfer", "kt_threadpool_count",
-                "chunked_prefill_size", "kt_gpu_prefill_token_threshold", "kt_max_deferred_experts_per_token",
-                "tp_size", "max_total_tokens", "attention_backend", "mem_fraction_static")
-        return {f"server_{k}": info.get(k) for k in keep if k in info}
+        info: dict = {}
+        for route in ("/server_info", "/get_server_info"):  # the second is older SGLang's name
+            try:
+                r = self.http.get(self.base_url + route, timeout=30)
+                if r.status_code == 200:
+                    info = r.json()
+                    break
+            except (httpx.HTTPError, ValueError):
+                continue
+        keep = ("version", "chunked_prefill_size", "tp_size", "max_total_tokens", "attention_backend",
+                "mem_fraction_static", "disable_radix_cache", "max_running_requests", "context_length")
+        # every kt_* setting the engine actually runs with (the launch flags are what we asked for)
+        kt = sorted(k for k in info if k.startswith("kt_") and k != "kt_weight_path")
+        return {f"server_{k}": info.get(k) for k in (*keep, *kt) if k in info}
 
     def before_request(self):
         # The flush is refused while requests run; one request at a time means it succeeds,
@@ -293,6 +299,85 @@ class SGLang(_Engine):
             "e2e_s": meta.get("e2e_latency"),
         }
         return RequestTiming(times[0], last, len(times), times, server)
+
+
+def reply_check(base_url: str, model: Optional[str], params: dict[str, Any]) -> dict[str, Any]:
+    """The tiny model's exact plain reply through this server (greedy), as a `reply_check` record;
+    raises UserError when it differs: a combination that serves wrong text has not passed."""
+    record = reply_checks(base_url, model, params, which=("openai",))[0]
+    if not record["metrics"]["exact"]:
+        raise UserError(f"the tiny model answered {record['metrics']['answer'][:120]!r} through {base_url}, not "
+                        f"{record['params']['expected']!r}: the engine computes something else (check the "
+                        "config's quantization and the server log)")
+    return record
+
+
+_BASH_OPENAI = {"type": "function", "function": {
+    "name": "Bash", "description": "Run a shell command.",
+    "parameters": {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}}}
+_BASH_ANTHROPIC = {"name": "Bash", "description": "Run a shell command.",
+                   "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
+                                    "required": ["command"]}}
+REPLY_CHECKS = ("openai", "openai-stream", "openai-tools", "anthropic", "anthropic-stream", "anthropic-tools")
+
+
+def reply_checks(base_url: str, model: Optional[str], params: Optional[dict[str, Any]] = None,
+                 which: Sequence[str] = REPLY_CHECKS) -> list[dict[str, Any]]:
+    """The tiny model's exact replies over each API (OpenAI and Anthropic, plain, streamed, a Bash
+    tool round trip), greedy, one `reply_check` record each. A request that fails is a record
+    with `exact` false and the error, so one broken route does not hide the others."""
+    from ktutorial import client, tiny
+
+    params = dict(params or {})
+    env = results.environment_stamp(engine=params.get("engine"), model=model)
+    greedy = {"temperature": 0}
+    out = []
+    for check in which:
+        expected = tiny.ANSWER_TEXT["result" if check.endswith("tools") else "plain"]
+        metrics: dict[str, Any] = {}
+        try:
+            if check in ("openai", "openai-stream"):
+                got = client.chat(base_url, model, "Say hello.", stream=check.endswith("stream"), max_tokens=64,
+                                  **greedy)
+                metrics = {"answer": got.content.strip(), "reasoning": got.reasoning.strip(),
+                           "finish_reason": got.finish_reason}
+            elif check == "openai-tools":
+                trip = client.tool_round_trip(base_url, model, "List the files.", tools=[_BASH_OPENAI],
+                                              handlers={"Bash": lambda command: f"ran: {command}"}, max_tokens=128,
+                                              **greedy)
+                metrics = {"answer": trip.final.content.strip(), "reasoning": trip.final.reasoning.strip(),
+                           "tool_calls": [{"name": c.name, "arguments": c.arguments} for c in trip.calls],
+                           "finish_reason": trip.final.finish_reason}
+            elif check in ("anthropic", "anthropic-stream"):
+                got = client.messages(base_url, model, "Say hello.", stream=check.endswith("stream"), max_tokens=64,
+                                      **greedy)
+                metrics = {"answer": got.text.strip(), "reasoning": got.thinking.strip(),
+                           "finish_reason": got.stop_reason}
+            elif check == "anthropic-tools":
+                first = client.messages(base_url, model, "List the files.", tools=[_BASH_ANTHROPIC], max_tokens=128,
+                                        **greedy)
+                uses = first.tool_uses
+                history = [{"role": "user", "content": "List the files."},
+                           {"role": "assistant", "content": first.content},
+                           {"role": "user", "content": [{"type": "tool_result", "tool_use_id": u["id"],
+                                                         "content": f"ran: {u['input'].get('command')}"}
+                                                        for u in uses]}]
+                final = client.messages(base_url, model, history, tools=[_BASH_ANTHROPIC], max_tokens=128, **greedy)
+                metrics = {"answer": final.text.strip(), "reasoning": final.thinking.strip(),
+                           "tool_calls": [{"name": u["name"], "arguments": u["input"]} for u in uses],
+                           "finish_reason": final.stop_reason}
+            else:
+                raise UserError(f"unknown reply check {check!r}; known: {', '.join(REPLY_CHECKS)}")
+        except UserError as exc:
+            metrics = {"answer": "", "error": str(exc)[:1000]}
+        if check.endswith("tools"):
+            exact = (metrics.get("answer") == expected
+                     and metrics.get("tool_calls") == [{"name": tiny.TOOL_NAME, "arguments": tiny.TOOL_ARGUMENTS}])
+        else:
+            exact = metrics.get("answer") == expected
+        out.append(results.make_record("reply_check", {**params, "check": check, "expected": expected},
+                                       {**metrics, "exact": exact}, env=env))
+    return out
 
 
 def detect_engine(base_url: str, client: Optional[httpx.Client] = None) -> str:
@@ -826,6 +911,9 @@ def sweep(
                         deadline=deadline,
                         on_record=lambda rec: (measured.append(rec), bar and bar.update(1)),
                     )
+                    if profile.model == "tiny":
+                        stage = "reply"
+                        results.append_record(out, reply_check(srv.base_url, srv.model, params))
                 summary["ok"].append(key)
             except KeyboardInterrupt:
                 raise

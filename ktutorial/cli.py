@@ -539,6 +539,34 @@ def bench(
 
 
 @app.command()
+def replies(
+    out: Optional[str] = typer.Option(None, "--out", help="JSONL file the reply_check records are appended to."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="default: the running server"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The tiny model's exact replies over OpenAI and Anthropic (plain, streamed, a Bash tool round
+    trip) through a running server; exit 1 if any differs."""
+    from ktutorial import bench as benchmod
+    from ktutorial import client, results
+
+    url, profile = _bench_defaults(base_url)
+    recs = benchmod.reply_checks(url, client.resolve(url)[1], {"profile": profile.name if profile else None})
+    for rec in recs:
+        if out:
+            results.append_record(out, rec)
+    rows = [{"check": r["params"]["check"], "exact": r["metrics"]["exact"], "answer": r["metrics"].get("answer"),
+             "error": r["metrics"].get("error")} for r in recs]
+    if as_json:
+        print_json(rows)
+    else:
+        for row in rows:
+            mark = "[green]exact[/]" if row["exact"] else "[red]differs[/]"
+            console.print(f"{mark} {row['check']}: {row['error'] or row['answer']!r}", highlight=False)
+    if not all(r["exact"] for r in rows):
+        raise typer.Exit(1)
+
+
+@app.command()
 def sweep(
     spec: str = typer.Argument(..., help="sweep spec YAML, or a shipped one: tiny, minimax-m2.1"),
     out: Optional[str] = typer.Option(None, "--out", help="JSONL records file (default: sweep-NAME.jsonl)"),

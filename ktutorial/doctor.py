@@ -8,6 +8,7 @@ calls the pure planner.
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import importlib.util
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ktutorial import hardware as hw_mod
+from ktutorial.diagnose import diagnose
 from ktutorial.errors import UserError
 from ktutorial.plan import Goals, Plan, PlanError, make_plan
 from ktutorial.spec import ModelSpec, SpecError, known_model, known_models
@@ -27,6 +29,28 @@ from ktutorial.spec import ModelSpec, SpecError, known_model, known_models
 SGLANG_KT_VERSION = "0.7.2"
 KT_KERNEL_VERSION = "0.7.2"
 NODE_MIN_MAJOR = 18  # Claude Code's npm package needs Node 18+ (2.1.332 asks for 22 but runs on 20)
+
+# The GPU environment. sglang-kt 0.7.2 reassembles its `sgl_kernel` at first import from pieces
+# inside five wheels, checked against one checksum: all five must come from one release. These are
+# the exact pins of `ktransformers[sglang]==0.7.2` (its Requires-Dist: kt-kernel==0.7.2 and, for
+# the extra, sglang-kt==0.7.2; sglang-kt's: transformers-kt==5.6.0.post6, accelerate-kt==1.14.0.post4,
+# torch==2.9.1). `pip install sglang-kt kt-kernel` leaves out ktransformers, whose wheel holds a
+# piece and the Hopper build: `import sgl_kernel` then fails on every GPU.
+GPU_INSTALL = 'pip install "ktransformers[sglang]==0.7.2"'
+GPU_STACK = {"ktransformers": "0.7.2", "sglang-kt": SGLANG_KT_VERSION, "kt-kernel": KT_KERNEL_VERSION,
+             "transformers-kt": "5.6.0.post6", "accelerate-kt": "1.14.0.post4"}
+TORCH_FOR_SGL_KERNEL = "2.9.1"  # sglang-kt 0.7.2's and kt-kernel 0.7.2's torch pin; sgl_kernel links it
+# kt-kernel 0.7.2's sgl_kernel/_payload_manifest.py PAYLOAD_MODULES, in order (used when the
+# installed manifest cannot be read), and the distribution that carries each piece.
+PAYLOAD_MODULES = ("sgl_kernel_kt_payload_core", "transformers_kt_sgl_kernel_payload",
+                   "sglang_kt_sgl_kernel_payload", "ktransformers_sgl_kernel_payload",
+                   "accelerate_kt_sgl_kernel_payload")
+PAYLOAD_DISTS = {"sgl_kernel_kt_payload_core": "kt-kernel"}
+# Distributions that also install a package named sgl_kernel (upstream's builds).
+OTHER_SGL_KERNELS = ("sgl-kernel", "sglang-kernel")
+# kt-kernel's CPU builds that run FP8 fast; the others run it too, several times slower.
+FAST_FP8_VARIANTS = ("amx", "avx512_bf16")
+SGL_KERNEL_IMPORT_TIMEOUT_S = 300  # the first import reassembles about 1.3 GB of CUDA objects
 
 
 @dataclass
@@ -246,9 +270,16 @@ def plan_for(
     """The Plan `ktutorial plan` prints. Without hardware options: this machine (disk included).
     With any: a described machine; what is not given takes Hardware.described's defaults and
     disk is not checked."""
-    if model not in known_models():
-        raise UserError(f"unknown model {model!r}; known models: {', '.join(known_models())}")
-    info = known_model(model)
+    if model == "tiny":
+        # The embedded tiny model, served by SGLang + KT on a GPU host (profile tiny-sglang).
+        from ktutorial import tiny
+
+        info = {"served_model_name": tiny.SERVED_MODEL_NAME}
+        model_dir = model_dir or str(tiny.ensure().hf_dir)
+    elif model not in known_models():
+        raise UserError(f"unknown model {model!r}; known models: {', '.join(known_models())}, tiny")
+    else:
+        info = known_model(model)
     checkpoint_present = False
     try:
         if model_dir is not None:

@@ -195,8 +195,9 @@ def dense_bytes_per_gpu(spec: ModelSpec, tp: int) -> float:
     are split over TP ranks; K/V projections stop splitting once each rank has one KV head;
     norms and the router are replicated."""
     h = spec.hidden_size
-    q_o = spec._linear_bytes(spec.q_width, h) + spec._linear_bytes(h, spec.q_width)
-    kv = 2 * spec._linear_bytes(spec.kv_width, h)
+    attn = "model.layers.0.self_attn.q_proj"
+    q_o = spec._linear_bytes(spec.q_width, h, attn) + spec._linear_bytes(h, spec.q_width, attn)
+    kv = 2 * spec._linear_bytes(spec.kv_width, h, attn)
     replicated = spec.attention_bytes_per_layer - q_o - kv
     per_layer = q_o / tp + kv / min(tp, spec.num_kv_heads) + replicated
     return spec.num_layers * per_layer + spec.embedding_bytes / tp

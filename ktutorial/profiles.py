@@ -38,6 +38,9 @@ class Profile(BaseModel):
     context_tokens: Optional[int] = None
     described_hardware: Optional[dict[str, Any]] = None
     llamacpp: dict[str, Any] = Field(default_factory=dict)
+    # sglang-kt flags on top of the plan (flag -> value), e.g. the backends one host needs:
+    # data, not code branches. They pass through the same validation as `--set`.
+    sglang: dict[str, Any] = Field(default_factory=dict)
     bench: BenchDefaults
     sweep_spec: Optional[str] = None
 

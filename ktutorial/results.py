@@ -82,7 +82,10 @@ def _git() -> dict[str, Any]:
     # Only our own checkout counts: an installed copy inside some other repository would
     # otherwise report that repository's commit.
     if not top or Path(top).resolve() != pkg_dir.parent:
-        return {"git_sha": None, "git_dirty": None}
+        # A tree unpacked from `git archive` (how results/gpu-host.sh travels to a GPU host) has
+        # no .git: the commit it was archived from is passed in the environment instead.
+        sha = os.environ.get("KTUTORIAL_GIT_SHA")
+        return {"git_sha": sha or None, "git_dirty": False if sha else None}
     sha = _run(["git", "rev-parse", "HEAD"], cwd=top)
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=top)
     return {"git_sha": sha or None, "git_dirty": None if status is None else bool(status)}

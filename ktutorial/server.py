@@ -752,7 +752,7 @@ def prepare(
             plan,
             port,
             profile=prof.name,
-            overrides=overrides,
+            overrides={**prof.sglang, **(overrides or {})},
             dry_run=dry_run,
             ready_timeout_s=ready_timeout_s or SGLANG_READY_TIMEOUT_S,
         )
@@ -778,6 +778,10 @@ def plan_for_profile(prof, **plan_options):
     if prof.described_hardware and not any(k in opts for k in HARDWARE_OPTIONS):
         opts.update(_described_options(prof.described_hardware))
     model_dir = opts.pop("model_dir", None) or prof.model_dir
+    if prof.model == "tiny" and not model_dir:
+        from ktutorial import tiny
+
+        model_dir = str(tiny.ensure(prof.seed).hf_dir)
     present = bool(model_dir) and Path(os.path.expanduser(model_dir)).is_dir()
     plan = plan_for(model_dir=model_dir if present else None, **opts)
     if model_dir and not present:

@@ -56,6 +56,9 @@ class ModelSpec:
     # None when the checkpoint is not block-FP8 (then experts are counted in bf16).
     fp8_block: tuple[int, int] | None = (128, 128)
     max_position_embeddings: int = 0
+    # quantization_config.modules_to_not_convert: substrings of module names kept unquantized
+    # (SGLang and transformers match them as substrings).
+    modules_to_not_convert: tuple[str, ...] = ("gate", "e_score_correction_bias", "lm_head")
 
     # --- construction -------------------------------------------------------------------
 
@@ -95,6 +98,7 @@ class ModelSpec:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             fp8_block=block,
             max_position_embeddings=int(config.get("max_position_embeddings", 0)),
+            modules_to_not_convert=tuple(qc.get("modules_to_not_convert") or ()),
         )
 
     @classmethod
@@ -122,9 +126,13 @@ class ModelSpec:
     def is_fp8(self) -> bool:
         return self.fp8_block is not None
 
-    def _linear_bytes(self, rows: int, cols: int) -> int:
+    def is_quantized(self, module: str) -> bool:
+        """Whether the config says linear `module` (e.g. "model.layers.0.self_attn.q_proj") is FP8."""
+        return self.is_fp8 and not any(skip in module for skip in self.modules_to_not_convert)
+
+    def _linear_bytes(self, rows: int, cols: int, module: str = "experts") -> int:
         """Bytes of one [rows, cols] linear weight as the checkpoint stores it."""
-        if self.fp8_block is None:
+        if not self.is_quantized(module):
             return rows * cols * BF16_BYTES
         br, bc = self.fp8_block
         scales = -(-rows // br) * -(-cols // bc)
@@ -164,12 +172,13 @@ class ModelSpec:
 
     @property
     def attention_bytes_per_layer(self) -> int:
-        """q/k/v/o projections (FP8 in the checkpoint) plus norms and the router (bf16/fp32)."""
+        """q/k/v/o projections (FP8 in M2.1's checkpoint) plus norms and the router (bf16/fp32)."""
         h = self.hidden_size
+        attn = "model.layers.0.self_attn.q_proj"
         proj = (
-            self._linear_bytes(self.q_width, h)
-            + 2 * self._linear_bytes(self.kv_width, h)
-            + self._linear_bytes(h, self.q_width)
+            self._linear_bytes(self.q_width, h, attn)
+            + 2 * self._linear_bytes(self.kv_width, h, attn)
+            + self._linear_bytes(h, self.q_width, attn)
         )
         norms = (2 * h + self.q_width + self.kv_width) * BF16_BYTES
         router = h * self.num_experts * BF16_BYTES + self.num_experts * SCALE_BYTES
@@ -248,3 +257,36 @@ def known_model(name: str) -> dict[str, Any]:
         "config": json.loads((root / "config.json").read_text()),
         **json.loads((root / "model.json").read_text()),
     }
+
+
+# Parameters that are not linear layers (no quantization applies to them whatever the config says).
+_NOT_LINEAR = ("embed_tokens", "norm", "e_score_correction_bias")
+
+
+def quantization_mismatches(model_dir: str | Path) -> list[str]:
+    """Every linear weight of a checkpoint folder against its config.json: FP8 with a
+    `weight_scale_inv` exactly where the config says so, unquantized without one elsewhere.
+    Returns the mismatches in words (empty: the config tells the truth). Reads headers only."""
+    from safetensors import safe_open
+
+    spec = ModelSpec.from_dir(model_dir)
+    index = json.loads((Path(model_dir) / "model.safetensors.index.json").read_text())["weight_map"]
+    dtypes: dict[str, str] = {}
+    for shard in sorted(set(index.values())):
+        with safe_open(str(Path(model_dir) / shard), framework="numpy") as f:
+            for key in f.keys():
+                dtypes[key] = f.get_slice(key).get_dtype()
+    problems = []
+    for key, dtype in sorted(dtypes.items()):
+        if not key.endswith(".weight") or any(part in key for part in _NOT_LINEAR):
+            continue
+        module = key[: -len(".weight")]
+        has_scale = key + "_scale_inv" in dtypes
+        fp8 = dtype.startswith("F8")
+        if spec.is_quantized(module) and not (fp8 and has_scale):
+            problems.append(f"{key}: the config says FP8, the tensor is {dtype}"
+                            f"{'' if has_scale else ' with no weight_scale_inv'}")
+        elif not spec.is_quantized(module) and (fp8 or has_scale):
+            problems.append(f"{key}: the config says unquantized, the tensor is {dtype}"
+                            f"{' with a weight_scale_inv' if has_scale else ''}")
+    return problems

@@ -68,7 +68,8 @@ from ktutorial.errors import UserError
 from ktutorial.spec import ModelSpec
 
 # Bump when the bytes generate() writes change: ensure() keys its cache folder on it.
-FORMAT_VERSION = 2
+# 3: config.json names self_attn unquantized (SGLang built FP8 attention without scales from v2).
+FORMAT_VERSION = 3
 SERVED_MODEL_NAME = "ktutorial-tiny"
 
 # --- shape: MiniMax-M2's architecture, scaled down; FP8 blocks need multiples of 128 --------
@@ -699,7 +700,10 @@ def config_dict(vocab: Vocab) -> dict:
             "fmt": "float8_e4m3fn",
             "quant_method": "fp8",
             "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
-            "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head"],
+            # The tiny's attention is bf16 (its designed heads need exact weights): say so, or
+            # SGLang builds FP8 attention layers with no scales and serves garbage. SGLang and
+            # transformers match these names as substrings of module names.
+            "modules_to_not_convert": ["gate", "e_score_correction_bias", "lm_head", "self_attn"],
         },
     }
 

@@ -349,3 +349,31 @@ def test_llamacpp_anthropic_thinking_and_tool_use(llama):
         {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in r.content]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "ktutorial"}]}])
     assert r2.stop_reason == "end_turn" and r2.content[-1].text == tiny.ANSWER_TEXT["result"]
+
+
+def test_config_tells_the_truth_about_every_linear_weight(tiny_model):
+    """SGLang builds a layer FP8 where the config says so: a bf16 tensor there is served as garbage
+    (seen on the GPU host with format v2, whose config claimed FP8 attention)."""
+    from ktutorial.spec import quantization_mismatches
+
+    hf = tiny_model.hf_dir
+    assert quantization_mismatches(hf) == []
+    assert not tiny_model.spec.is_quantized("model.layers.0.self_attn.q_proj")
+    assert tiny_model.spec.is_quantized("model.layers.0.block_sparse_moe.experts.0.w1")
+
+
+def test_config_check_catches_a_config_that_lies(tiny_model, tmp_path):
+    import shutil
+
+    lying = tmp_path / "lying"
+    shutil.copytree(tiny_model.hf_dir, lying)
+    cfg = json.loads((lying / "config.json").read_text())
+    cfg["quantization_config"]["modules_to_not_convert"].remove("self_attn")  # what v2 said
+    (lying / "config.json").write_text(json.dumps(cfg))
+    from ktutorial.spec import quantization_mismatches
+
+    problems = quantization_mismatches(lying)
+    attn = [p for p in problems if ".self_attn." in p]
+    # q, k, v, o in each of the 4 layers; nothing else is wrong
+    assert len(attn) == len(problems) == 4 * tiny_model.spec.num_layers
+    assert "the config says FP8, the tensor is BF16 with no weight_scale_inv" in attn[0]

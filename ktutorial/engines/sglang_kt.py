@@ -71,8 +71,6 @@ FLAGS: dict[str, Flag] = {
     "kt-gpu-prefill-token-threshold": Flag("int", "prefill chunks this long run the MoE on the GPU layer "
                                                   "by layer", minimum=0),
     "kt-enable-dynamic-expert-update": Flag("bool", "the GPU expert set follows the experts routed to"),
-    "kt-expert-placement-strategy": Flag("str", "which experts start on the GPU",
-                                         choices=("uniform", "frequency", "front-loading", "random")),
     "chunked-prefill-size": Flag("int", "tokens per prefill forward pass; kt-kernel sizes its buffers by it",
                                  minimum=1),
     "max-prefill-tokens": Flag("int", "tokens one prefill batch may hold", minimum=1),
@@ -103,6 +101,16 @@ FLAGS: dict[str, Flag] = {
     "disable-radix-cache": Flag("bool", "no prefix cache: every request prefills in full (benchmarks)"),
     "cuda-graph-max-bs": Flag("int", "largest decode batch captured as a CUDA graph", minimum=1),
     "disable-cuda-graph": Flag("bool", "no CUDA graphs: less memory, slower decode"),
+    "sampling-backend": Flag("str", "token sampling kernels: pytorch where FlashInfer's are not built",
+                             choices=("flashinfer", "pytorch")),
+    "grammar-backend": Flag("str", "constrained decoding (JSON schema, regex); none skips loading one",
+                            choices=("xgrammar", "outlines", "llguidance", "none")),
+    "moe-runner-backend": Flag("str", "kernels for the GPU experts; triton runs on every NVIDIA card",
+                               choices=("auto", "triton", "triton_kernel", "flashinfer_trtllm",
+                                        "flashinfer_cutlass", "flashinfer_mxfp4", "cutlass")),
+    "disable-custom-all-reduce": Flag("bool", "NCCL's all-reduce instead of SGLang's custom kernel"),
+    "kt-expert-placement-strategy": Flag("str", "which experts start on the GPU",
+                                         choices=("uniform", "frequency", "front-loading", "random")),
     "enable-mixed-chunk": Flag("bool", "decode and prefill in the same batch"),
 }
 _ALIASES = {"model": "model-path", "tp-size": "tensor-parallel-size", "tp": "tensor-parallel-size"}
