@@ -1,11 +1,18 @@
 """Claude Code on a local backend: its settings, a smoke test that calls the way it calls, one real turn.
 
 Claude Code speaks the Anthropic Messages API. SGLang-kt and llama.cpp's server both serve that
-API themselves, so no proxy is needed: point `ANTHROPIC_BASE_URL` at the server and name the served
-model in `ANTHROPIC_MODEL` (`claude_env`). `check` replays, with the anthropic SDK, the parts of a
-real Claude Code request that local servers get wrong (each item says works / fails and the fix);
-`run` drives the installed CLI (`claude -p`) for one turn, in a scratch folder with its own config
-folder so it never reads or writes the reader's own Claude Code settings.
+API themselves: point `ANTHROPIC_BASE_URL` at the server and name the served model in
+`ANTHROPIC_MODEL` (`claude_env`). One difference: SGLang-kt 0.7.2 answers HTTP 400 to the
+`role: system` entry Claude Code puts inside `messages`, so in front of it goes ktutorial's own
+proxy (`ccproxy`: it folds that entry into `system`, everything else passes through); every
+function here takes `via_proxy=True` for that. `check` replays, with the anthropic SDK, the parts
+of a real Claude Code request that local servers get wrong (each item says works / fails and the
+fix); `run` drives the installed CLI (`claude -p`) for one turn, in a scratch folder with its own
+config folder so it never reads or writes the reader's own Claude Code settings.
+
+`check` runs through the proxy only when asked (`via_proxy=True`, `--via-proxy`), never on its own
+for an SGLang backend: it is the diagnosis of the server as it is, and the 400 it reports there is
+the reason to use the proxy; the same check through the proxy then shows what Claude Code will see.
 
 Tokens come from the environment (KTUTORIAL_API_KEY, then ANTHROPIC_AUTH_TOKEN); a local server
 started without an API key checks none, so a placeholder is used. Nothing here prints a token
@@ -14,6 +21,7 @@ unless asked (`show_token=True`); the only file it writes one into is the settin
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -27,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ktutorial import ccproxy
 from ktutorial.errors import MissingDependency, UserError
 
 # The version `make tools` installs and the tests ran: what npm gives on Node 20 (FACTS).
@@ -42,6 +51,12 @@ CONTEXT_HINT = (
     "request with `--tools Bash --system-prompt \"Be terse.\"`"
 )
 START_HINT = "start one with `ktutorial serve --profile tiny --detach`, or pass --base-url"
+FIX_MID_SYSTEM = (
+    "the server refuses a `role: system` entry inside messages (SGLang-kt 0.7.2 does), and Claude Code "
+    "sends one: put ktutorial's proxy in front, which folds it into `system`: `ktutorial claude-code "
+    "settings --via-proxy --write` (starts it and points Claude Code at it), `ktutorial claude-code "
+    "check --via-proxy` (these checks through it)"
+)
 
 TOKEN_ENV_VARS = ("KTUTORIAL_API_KEY", "ANTHROPIC_AUTH_TOKEN")
 # Sent when no token is set: servers started without --api-key check none, but Claude Code
@@ -278,6 +293,27 @@ def _running_server() -> tuple[str, Optional[str]]:
         srv = current()
         return srv.base_url, getattr(srv, "model", None)
     return server.current_base_url(), None
+
+
+@contextlib.contextmanager
+def through_proxy(base_url: str, model: Optional[str] = None, port: Optional[int] = None):
+    """The URL Claude Code should call to reach `base_url` through ktutorial's proxy: `base_url`
+    itself when it is a proxy ktutorial runs, else one already running for it, else one started
+    for the length of the block (and stopped after)."""
+    if ccproxy.find(base_url=base_url) is not None:
+        yield base_url
+        return
+    with ccproxy.serve(base_url, port, model=model, reuse=True) as proxy:
+        yield proxy.base_url
+
+
+def start_proxy(base_url: str, model: Optional[str] = None, port: Optional[int] = None):
+    """A proxy in front of `base_url` left running (`ktutorial stop --port N` ends it): the one
+    already running for it, or a new one on `port` (default ccproxy.DEFAULT_PORT; 0: a free one)."""
+    found = ccproxy.find(base_url=base_url) or ccproxy.find(base_url)
+    if found is not None:
+        return found
+    return ccproxy.serve(base_url, ccproxy.DEFAULT_PORT if port is None else port, model=model, detach=True)
 
 
 # ---- smoke test -------------------------------------------------------------------------
@@ -551,14 +587,28 @@ def check(
     *,
     token: Optional[str] = None,
     timeout_s: float = 300.0,
+    via_proxy: bool = False,
 ) -> list[CheckResult]:
     """Replay what Claude Code sends, one feature a request, then all of it at once.
 
-    Returns one CheckResult per item in CHECK_NAMES; items after a dead backend are marked not run."""
+    Returns one CheckResult per item in CHECK_NAMES; items after a dead backend are marked not run.
+    `via_proxy=True`: the same requests through ktutorial's proxy in front of the backend (one
+    started for the check, or the one running for it)."""
     if not base_url:
         base_url, model_from_server = _running_server()
         model = model or model_from_server
     base_url = normalize_base_url(base_url)
+    if via_proxy:
+        try:
+            probe(base_url)
+        except UserError:
+            pass  # no proxy then: the plain check reports the backend's own URL, in seconds
+        else:
+            with through_proxy(base_url, model) as proxy_url:
+                results = check(proxy_url, model, token=token, timeout_s=timeout_s)
+            if proxy_url != base_url:
+                results[0].detail += f" (ktutorial's proxy, in front of {base_url})"
+            return results
     token_value, _ = resolve_token(token)
     results: list[CheckResult] = []
 
@@ -644,8 +694,7 @@ def check(
     # 6: a `role: system` entry inside messages, where Claude Code puts it.
     reply = attempt(
         CHECK_NAMES[5],
-        "the server rejects `role: system` inside messages; Claude Code sends it (beta "
-        "mid-conversation-system): use SGLang-kt 0.7.2+ / a current llama.cpp, or claude-code-router",
+        FIX_MID_SYSTEM,
         lambda: caller.stream(max_tokens=limit, system=_system_blocks(), messages=[plain[0], _mid_system()]),
     )
     if reply is not None:
@@ -725,7 +774,7 @@ def check(
             f"{FEATURE_MAX_TOKENS} tokens", _FIX_ENDS)
         return results
     reply = attempt(
-        CHECK_NAMES[11], "",
+        CHECK_NAMES[11], "" if results[5].ok else FIX_MID_SYSTEM,
         lambda: caller.stream(
             max_tokens=32000, system=_system_blocks(), tools=tools, thinking={"type": "adaptive"},
             messages=[_user("Hello."), _mid_system(), _user(TOOL_PROMPT)],
@@ -798,6 +847,7 @@ class RunResult:
     stop_reason: Optional[str] = None
     # The tools Claude Code ran this turn: [{"name", "input", "output", "is_error"}], from its transcript.
     tool_calls: list = field(default_factory=list)
+    via_proxy: Optional[str] = None  # the proxy Claude Code called, when it went through one
     raw: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -838,6 +888,7 @@ def run(
     tools: Optional[tuple[str, ...] | list[str]] = None,
     system_prompt: Optional[str] = None,
     max_turns: Optional[int] = None,
+    via_proxy: bool = False,
 ) -> RunResult:
     """`claude -p PROMPT --output-format json` against the backend, retries off, bounded by timeout_s.
 
@@ -849,14 +900,19 @@ def run(
     `tools` (Claude Code's `--tools`, e.g. ["Bash"]) and `system_prompt` (`--system-prompt`) shrink
     its first request from ~77 KB (about twenty tools, a long system prompt) to a few KB: the
     request keeps its shape (streamed, thinking, tools, system blocks) but a small CPU model
-    prefills it in seconds instead of minutes."""
+    prefills it in seconds instead of minutes.
+
+    `via_proxy=True`: Claude Code calls ktutorial's proxy in front of the backend (needed for
+    SGLang-kt 0.7.2, which refuses the `role: system` entry Claude Code sends)."""
     if not prompt or not prompt.strip():
         raise UserError("empty prompt: pass the text Claude Code should answer")
     binary = claude_binary()
     base_url, model = resolve_backend(base_url, model)
     probe(base_url)  # a stopped backend fails here, in seconds, with the URL and the fix
     token_value, _ = resolve_token(token)
-    env = claude_env(base_url, model, token_value, api_timeout_ms=int(timeout_s * 1000), max_retries=0)
+    proxy = contextlib.ExitStack()
+    claude_url = proxy.enter_context(through_proxy(base_url, model)) if via_proxy else base_url
+    env = claude_env(claude_url, model, token_value, api_timeout_ms=int(timeout_s * 1000), max_retries=0)
 
     scratch = tempfile.TemporaryDirectory(prefix="ktutorial-claude-")
     try:
@@ -894,6 +950,7 @@ def run(
         tool_calls = _transcript_tool_calls(state)
     finally:
         scratch.cleanup()
+        proxy.close()
 
     stdout, stderr = _scrub(stdout, token_value), _scrub(stderr, token_value)
     raw: dict = {}
@@ -915,13 +972,16 @@ def run(
         api_duration_s=(raw["duration_api_ms"] / 1000.0) if raw.get("duration_api_ms") is not None else None,
         stop_reason=raw.get("stop_reason"),
         tool_calls=tool_calls,
+        via_proxy=claude_url if claude_url != base_url else None,
         raw={k: raw[k] for k in ("type", "subtype", "is_error", "duration_ms", "duration_api_ms", "num_turns",
                                  "result", "stop_reason", "usage", "modelUsage", "api_error_status") if k in raw},
     )
     if not result.ok:
         said = result.result or stderr.strip()[-500:] or stdout.strip()[-500:] or "no output"
         fix = "run `ktutorial claude-code check` to see which part of the request the backend gets wrong"
-        if "context" in said.lower():
+        if "role" in said and "system" in said and not via_proxy:
+            fix = FIX_MID_SYSTEM.replace("check --via-proxy", "run --via-proxy")
+        elif "context" in said.lower():
             fix = CONTEXT_HINT
         elif "ECONNREFUSED" in said or "Unable to connect" in said or "Connection error" in said:
             fix = START_HINT
@@ -1078,16 +1138,20 @@ def backend_docs(
                   + "<the --kt-* flags from `ktutorial plan --profile minimax-m2.1`> \\\n  " + " ".join(cmd[12:]))
         kt_note = "The KT flags come from `ktutorial plan --profile minimax-m2.1`; the last two are what Claude Code needs:"
     why = "\n".join(f"- `{flag} {value}`: {reason}." for flag, (value, reason) in SGLANG_CLAUDE_CODE_FLAGS.items())
-    sg_env = shell_exports(claude_env(sglang_url, sglang_model, PLACEHOLDER_TOKEN))
+    proxy_url = f"http://{ccproxy.HOST}:{ccproxy.DEFAULT_PORT}"
+    sg_env = shell_exports(claude_env(proxy_url, sglang_model, PLACEHOLDER_TOKEN))
     return f"""\
 ## Claude Code on a local backend
 
 Claude Code speaks the Anthropic Messages API (`POST /v1/messages?beta=true`, streamed, with
 Bearer auth, about twenty tools, `thinking`, a system prompt in blocks and a `role: system` entry
 inside `messages`). SGLang-kt and llama.cpp's server both serve that API themselves: point
-`ANTHROPIC_BASE_URL` at the server and name the served model. Claude Code {CLAUDE_CODE_VERSION}
-(`make tools`) was checked against llama.cpp on the tiny model: every item of the smoke test, and
-real turns in which it ran the Bash tool the model called and answered after its result.
+`ANTHROPIC_BASE_URL` at the server and name the served model. SGLang-kt 0.7.2 refuses that
+`role: system` entry (HTTP 400: role must be 'user' or 'assistant'), so Claude Code goes to it
+through ktutorial's proxy, which folds the entry into `system` and passes everything else
+through. Claude Code {CLAUDE_CODE_VERSION} (`make tools`) was checked against llama.cpp on the
+tiny model, straight and through the proxy: every item of the smoke test, and real turns in which
+it ran the Bash tool the model called and answered after its result.
 
 ### SGLang-kt (MiniMax-M2.1 with KT-Kernel)
 
@@ -1100,6 +1164,19 @@ real turns in which it ran the Bash tool the model called and answered after its
 {why}
 
 Without the tool-call parser, tool calls arrive as text and Claude Code never runs a tool.
+
+Then put ktutorial's proxy in front of it (127.0.0.1:{ccproxy.DEFAULT_PORT}, a child process with
+its own log; `ktutorial stop --port {ccproxy.DEFAULT_PORT}` ends it):
+
+```bash
+ktutorial claude-code proxy --base-url {sglang_url} --detach
+ktutorial claude-code check --via-proxy --base-url {sglang_url}   # the smoke test through it
+# what runs: python -m ktutorial.ccproxy --upstream {sglang_url} --port {ccproxy.DEFAULT_PORT}
+```
+
+It moves each `role: system` entry of a `/v1/messages` or `/v1/messages/count_tokens` body into
+the top-level `system` (appended in order; blocks stay blocks) and forwards every other byte
+unchanged, the SSE stream chunk by chunk, the Bearer token to the server only.
 
 ### llama.cpp (the tiny model here; any GGUF the same way)
 
@@ -1118,29 +1195,34 @@ tokens of the same shape and finishes a tool round trip in seconds.
 
 ### Point Claude Code at the server
 
+For SGLang-kt, at the proxy:
+
 ```bash
 {sg_env}
 claude
 ```
 
 or write the same keys into this project's `.claude/settings.local.json` (never your global
-`~/.claude/settings.json` unless you add `--global --force`, which backs it up first):
+`~/.claude/settings.json` unless you add `--global --force`, which backs it up first);
+`--via-proxy` starts the proxy if it is not running yet and points the settings at it:
 
 ```bash
-ktutorial claude-code settings --base-url {sglang_url} --model {sglang_model} --write
-ktutorial claude-code check --base-url {sglang_url} --model {sglang_model}   # each part works / fails, with the fix
-ktutorial claude-code run "Say hello"                                        # one real `claude -p` turn
+ktutorial claude-code settings --via-proxy --base-url {sglang_url} --model {sglang_model} --write
+ktutorial claude-code check --via-proxy --base-url {sglang_url} --model {sglang_model}   # each part works / fails, with the fix
+ktutorial claude-code run --via-proxy --base-url {sglang_url} "Say hello"               # one real `claude -p` turn
 ```
 
-For llama.cpp use `--base-url {llamacpp_url} --model {llamacpp_model}`; with a server started by
-`ktutorial serve`, both default to it. A token: `export KTUTORIAL_API_KEY=...` if the server was
+For llama.cpp, which takes the request as it is, leave out `--via-proxy` and use
+`--base-url {llamacpp_url} --model {llamacpp_model}`; with a server started by `ktutorial serve`,
+both default to it. A token: `export KTUTORIAL_API_KEY=...` if the server was
 started with `--api-key`; otherwise a placeholder is sent.
 
 ### claude-code-router, if you prefer a proxy
 
 [claude-code-router](https://github.com/musistudio/claude-code-router) sits between Claude Code and
-the server's OpenAI-compatible route (`/v1/chat/completions`) instead. Not needed with these two
-engines; for readers who prefer it, `~/.claude-code-router/config.json` (if the server checks a key,
+the server's OpenAI-compatible route (`/v1/chat/completions`) instead. Version 1.0.73 drops the
+`role: system` entry rather than folding it, and maps only `thinking` of type "enabled"; ktutorial's
+proxy keeps the server's own Messages route. For readers who prefer the router, `~/.claude-code-router/config.json` (if the server checks a key,
 write `"$KTUTORIAL_API_KEY"` as `api_key`: the router expands variables):
 
 ```json

@@ -60,6 +60,27 @@ def tiny(
 
 
 @app.command()
+def synth(
+    out: str = typer.Option(..., "--out", help="Folder to write the checkpoint into (serve it from there)."),
+    layers: int = typer.Option(..., "--layers", min=1, help="num_hidden_layers (M2.1 has 62); each layer is 3.7 GB."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
+    routing: str = typer.Option("random", "--routing", help="random (near-uniform experts) or skewed (a few hot experts a layer)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the files a previous synth wrote in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Generate a full-width, truncated-depth MiniMax-M2.1 checkpoint (random FP8) for SGLang-KT."""
+    from ktutorial import synth as synth_mod
+
+    model = synth_mod.generate(out, layers=layers, seed=seed, routing=routing, force=force)
+    info = model.summary()
+    if as_json:
+        print_json(info)
+    else:
+        console.print(f"{info['name']}: {info['total_gb']} GB in {info['shards']} shards at {model.path}, "
+                      f"written in {info['seconds']} s ({info['gb_per_s']} GB/s)", highlight=False)
+
+
+@app.command()
 def selftest(
     threads: int = typer.Option(2, "--threads", min=1, help="CPU threads for kt-kernel and llama.cpp."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -718,7 +739,7 @@ def kernel_bench_cmd(
 
 # ==== end section: measure ==================================================================
 
-# ==== section: claude code (claude-code settings|check|run) ================================
+# ==== section: claude code (claude-code settings|check|run|proxy) ==========================
 claude_app = typer.Typer(
     no_args_is_help=True,
     help="Claude Code on the local backend: settings, a smoke test of the API as Claude Code calls it, one real turn.",
@@ -727,6 +748,9 @@ app.add_typer(claude_app, name="claude-code")
 
 _CC_BASE_URL = typer.Option(None, "--base-url", help="Backend root, e.g. http://127.0.0.1:8080 (default: the running server).")
 _CC_MODEL = typer.Option(None, "--model", help="Served model name (default: the server's).")
+_CC_VIA_PROXY = typer.Option(
+    False, "--via-proxy",
+    help="Through ktutorial's proxy, which folds Claude Code's role:system message into system (SGLang-kt 0.7.2 refuses it).")
 
 
 @claude_app.command("settings")
@@ -739,12 +763,22 @@ def claude_settings_cmd(
     force: bool = typer.Option(False, "--force", help="Allow --global; the old file is backed up first."),
     show_token: bool = typer.Option(False, "--show-token", help="Print the token itself, not where it comes from."),
     json_out: bool = typer.Option(False, "--json", help="Print the settings block as JSON."),
+    via_proxy: bool = typer.Option(
+        False, "--via-proxy",
+        help="Point Claude Code at ktutorial's proxy in front of the backend, started (detached) if not running (for SGLang-kt)."),
+    proxy_port: Optional[int] = typer.Option(None, "--proxy-port", help="Port of a proxy started here (default 3457; 0: a free one)."),
 ) -> None:
     """The environment Claude Code needs for this backend, as shell exports and a settings.json block."""
     from ktutorial import claude_code as cc
 
     base_url, model = cc.resolve_backend(base_url, model)
     token, source = cc.resolve_token()
+    if via_proxy:
+        proxy = cc.start_proxy(base_url, model, proxy_port)
+        err_console.print(
+            f"ktutorial's proxy at {proxy.base_url} (pid {proxy.pid}) -> {base_url}; `ktutorial stop --port {proxy.port}` "
+            f"ends it; log: {proxy.log_path}", highlight=False, soft_wrap=True)
+        base_url = proxy.base_url
     env = cc.claude_env(base_url, model, token)
     shown = env if show_token else cc.masked_env(env, source)
     written = None
@@ -769,6 +803,7 @@ def claude_check_cmd(
     model: Optional[str] = _CC_MODEL,
     timeout_s: float = typer.Option(300.0, "--timeout-s", help="Limit for each request."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    via_proxy: bool = _CC_VIA_PROXY,
 ) -> None:
     """Call the backend the way Claude Code does; each part works or fails, with the fix (exit 1 if any fails)."""
     from dataclasses import asdict
@@ -777,7 +812,7 @@ def claude_check_cmd(
 
     from ktutorial import claude_code as cc
 
-    results = cc.check(base_url, model, timeout_s=timeout_s)
+    results = cc.check(base_url, model, timeout_s=timeout_s, via_proxy=via_proxy)
     if json_out:
         print_json([asdict(r) for r in results])
     else:
@@ -803,6 +838,7 @@ def claude_run_cmd(
     tools: Optional[str] = typer.Option(None, "--tools", help="Only these built-in tools, e.g. 'Bash' (a smaller first request for slow backends)."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Replace Claude Code's long system prompt."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    via_proxy: bool = _CC_VIA_PROXY,
 ) -> None:
     """One real turn of the installed Claude Code CLI (`claude -p`) against the backend, retries off."""
     from ktutorial import claude_code as cc
@@ -810,6 +846,7 @@ def claude_run_cmd(
     result = cc.run(
         prompt, base_url, model, timeout_s=timeout_s, allowed_tools=tuple(allow or ()), cwd=cwd,
         tools=[t.strip() for t in tools.split(",")] if tools is not None else None, system_prompt=system_prompt,
+        via_proxy=via_proxy,
     )
     if json_out:
         print_json(result.to_dict())
@@ -821,10 +858,48 @@ def claude_run_cmd(
         err_console.print(f"[dim]{said}[/]", highlight=False, soft_wrap=True)
     console.print(result.result, highlight=False, soft_wrap=True)
     err_console.print(
-        f"[dim]claude {result.claude_version} -> {result.base_url} ({result.model}): {result.num_turns} turn(s), "
+        f"[dim]claude {result.claude_version} -> {(result.via_proxy + ' -> ') if result.via_proxy else ''}"
+        f"{result.base_url} ({result.model}): {result.num_turns} turn(s), "
         f"{result.wall_s:.1f} s[/]",
         highlight=False,
     )
+
+
+@claude_app.command("proxy")
+def claude_proxy_cmd(
+    base_url: Optional[str] = _CC_BASE_URL,
+    port: int = typer.Option(3457, "--port", help="Port on 127.0.0.1 (0: a free one)."),
+    detach: bool = typer.Option(False, "--detach", help="Leave it running; `ktutorial stop --port PORT` ends it."),
+    json_out: bool = typer.Option(False, "--json", help="Print its run-state entry as JSON."),
+) -> None:
+    """ktutorial's proxy for Claude Code in front of the backend: folds role:system messages into system."""
+    import time as _time
+
+    from ktutorial import ccproxy
+    from ktutorial import claude_code as cc
+
+    base_url, model = cc.resolve_backend(base_url, None)
+    proxy = ccproxy.serve(base_url, port or None, model=model, detach=detach)
+    if json_out:
+        print_json(proxy.state())
+    else:
+        console.print(f"ktutorial's proxy at {proxy.base_url} -> {base_url} ({model}), pid {proxy.pid}", highlight=False)
+        console.print(f"  runs: {proxy.launch.shell()}\n  log: {proxy.log_path}", highlight=False, soft_wrap=True)
+        console.print(f"  point Claude Code at it: ktutorial claude-code settings --base-url {proxy.base_url} --write",
+                      highlight=False, soft_wrap=True)
+    if detach:
+        return
+    err_console.print("in the foreground; Ctrl-C stops it", highlight=False)
+    try:
+        while proxy.is_alive():
+            _time.sleep(0.5)
+        err_console.print(f"[bold red]error:[/] the proxy exited (code {proxy.returncode()}); log: {proxy.log_path}",
+                          highlight=False)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        proxy.stop()
 
 
 @claude_app.command("backends")

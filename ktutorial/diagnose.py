@@ -16,6 +16,10 @@ from typing import Any, Callable, Optional
 
 GB = 10**9
 GIB = 2**30
+# The GPU environment's install line (README "Install profiles"): ktransformers[sglang]==0.7.2 pins
+# sglang-kt, kt-kernel, transformers-kt, accelerate-kt and torch 2.9.1, the five wheels that carry
+# the pieces of sglang-kt's sgl_kernel and the torch it was built for.
+GPU_INSTALL = 'pip install "ktransformers[sglang]==0.7.2"'
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class _Numbers(dict):
         "arch": "the model's architecture",
         "module": "the missing module",
         "method": "the value given",
+        "payload": "one of them",
     }
 
     def __missing__(self, key: str) -> str:
@@ -205,10 +210,18 @@ _CATALOG: tuple[Pattern, ...] = (
         engines=("sglang-kt",),
         title="KT not applied",
         cause=(
-            "the command has --kt-* flags but neither --kt-num-gpu-experts nor --kt-gpu-experts-ratio; "
-            "sglang-kt then silently skips KT and tries to put every expert ({all_experts_gb} GB) on the GPU."
+            "the server has --kt-* settings but neither --kt-num-gpu-experts nor --kt-gpu-experts-ratio; "
+            "sglang-kt then silently skips KT (its log still says \"KTransformers EP is enabled\") and runs "
+            "every expert on the GPU through SGLang's fused MoE: for MiniMax-M2.1 that is {all_experts_gb} GB."
         ),
         fix="add --kt-num-gpu-experts (the plan's value: `ktutorial plan` prints it), then start again.",
+        # sglang-kt echoes its settings (`server_args=ServerArgs(...)`) at start-up, and its KT wrapper
+        # warns when it finds no GPU-expert count.
+        regex=(
+            r"kt_weight_path='[^']+'.*\bkt_num_gpu_experts=None, kt_gpu_experts_ratio=None\b|"
+            r"Either kt_num_gpu_experts or kt_gpu_experts_ratio is required but not set"
+        ),
+        example="[2026-12-04 10:00:00] Either kt_num_gpu_experts or kt_gpu_experts_ratio is required but not set.",
         command_check=_kt_not_applied,
     ),
     Pattern(
@@ -262,10 +275,15 @@ _CATALOG: tuple[Pattern, ...] = (
         id="kt-method-unknown",
         engines=("kt-kernel", "sglang-kt"),
         title="Unknown --kt-method",
-        cause="kt-kernel does not know the --kt-method given ({method}); sglang-kt's parser accepts any string.",
+        cause=(
+            "kt-kernel does not know the --kt-method given ('{method}'): its method names are upper case, and "
+            "sglang-kt's parser accepts any string, so it fails only when the model loads."
+        ),
         fix="use --kt-method FP8 (upper case) for MiniMax-M2.1's FP8 checkpoint.",
         regex=r"Method '(?P<method>[^']*)' not supported for inference mode",
-        example="ValueError: Method 'fp8' not supported for inference mode. Supported methods: ['AMXINT4', 'FP8']",
+        example="ValueError: Method 'fp8' not supported for inference mode. Supported methods: ['AMXINT4', 'AMXINT8', "
+        "'BF16', 'FP8', 'FP8_PERCHANNEL', 'GPTQ_INT4', 'LLAMAFILE', 'MOE_INT4', 'MOE_INT8', 'MXFP4', 'MXFP8', 'NVFP4', "
+        "'RAWINT4', 'SYCL_GPTQ_INT4']",
     ),
     Pattern(
         id="fp8-triton-old-gpu",
@@ -298,6 +316,77 @@ _CATALOG: tuple[Pattern, ...] = (
         regex=r"\[kt-kernel\] (Selected CPU variant: avx2\b|Successfully loaded AVX2 variant|.*using AVX2 fallback)",
         example="[kt-kernel] Selected CPU variant: avx2",
         severity="warning",
+    ),
+    Pattern(
+        id="sgl-kernel-torch-abi",
+        engines=("sglang-kt",),
+        title="sgl_kernel built for another torch",
+        cause=(
+            "the CUDA objects of sgl_kernel link libtorch: sglang-kt 0.7.2's are built for torch 2.9 with CUDA, and "
+            "this environment has another torch (or a CPU build). They then fail to import (undefined symbol, "
+            "no libc10_cuda.so), or load and fail at random because their calls land on the wrong methods."
+        ),
+        fix=(
+            "install the sgl_kernel build for your torch: in a fresh environment `" + GPU_INSTALL + "` gives "
+            "torch 2.9.1 (CUDA) and the sgl_kernel built for it; `ktutorial doctor` checks the pair."
+        ),
+        regex=(
+            r"Cannot access data pointer of Tensor that doesn't have storage|"
+            r"(sgl_kernel/|common_ops)\S*: undefined symbol|lib(c10_cuda|torch_cuda)\.so: cannot open shared object"
+        ),
+        example="RuntimeError: Cannot access data pointer of Tensor that doesn't have storage",
+    ),
+    Pattern(
+        id="sgl-kernel-pieces",
+        engines=("sglang-kt",),
+        title="sgl_kernel's pieces are missing",
+        cause=(
+            "the sgl_kernel of sglang-kt is reassembled at first import from pieces inside five wheels (kt-kernel, "
+            "transformers-kt, sglang-kt, ktransformers, accelerate-kt; the Hopper build is in ktransformers), all "
+            "from one release: {payload} is missing or from another release."
+        ),
+        fix=(
+            "install all five, pinned: `" + GPU_INSTALL + "` (`pip install sglang-kt kt-kernel` leaves out "
+            "ktransformers); `ktutorial doctor` names the missing ones. If they are all there, delete the "
+            "payload cache (sgl_kernel/_payload_cache, ~/.cache/sgl-kernel-kt) and import again."
+        ),
+        regex=(
+            r"Missing KT CUDA payload package: (?P<payload>\w+)|sgl-kernel-kt CUDA payload wheels are not installed|"
+            r"sgl-kernel-kt CUDA payload archive checksum mismatch|in sgl-kernel-kt CUDA payload|"
+            r"sgl-kernel-kt CUDA payload verification failed|"
+            r"\[sgl_kernel\] CRITICAL: Could not load any common_ops library|Can not import FA3 in sgl_kernel"
+        ),
+        example="FileNotFoundError: Missing KT CUDA payload package: ktransformers_sgl_kernel_payload",
+        shadowed_by=("sgl-kernel-torch-abi", "no-gpu"),
+    ),
+    Pattern(
+        id="sgl-kernel-cache",
+        engines=("sglang-kt",),
+        title="No room to reassemble sgl_kernel",
+        cause=(
+            "the first `import sgl_kernel` reassembles its CUDA objects into a cache that needs 4 GB free; "
+            "none of its places (beside sgl_kernel, ~/.cache, the temp folder) was writable with that much room."
+        ),
+        fix="free 4 GB in one of them, or point SGL_KERNEL_KT_CACHE_DIR at a writable folder with 4 GB free.",
+        regex=r"No writable sgl-kernel-kt payload cache",
+        example="OSError: No writable sgl-kernel-kt payload cache: /root/.cache/sgl-kernel-kt/0.3.21.post2/"
+        "8f0b5d761342374e: insufficient free space",
+    ),
+    Pattern(
+        id="messages-system-role",
+        engines=("sglang-kt",),
+        title="/v1/messages refuses role: system",
+        cause=(
+            "sglang-kt's Anthropic Messages API accepts only 'user' and 'assistant' in messages[].role and answers "
+            "HTTP 400; Claude Code puts a `role: system` entry inside messages, so it fails straight against it."
+        ),
+        fix=(
+            "run Claude Code through ktutorial's Claude Code proxy (ktutorial/ccproxy.py), which `ktutorial "
+            "claude-code` settings point it at for sglang-kt; other clients: send system text in the top-level "
+            "`system` field."
+        ),
+        regex=r"Input should be 'user' or 'assistant'",
+        example="  Input should be 'user' or 'assistant' [type=literal_error, input_value='system', input_type=str]",
     ),
     Pattern(
         id="port-in-use",
@@ -361,10 +450,11 @@ _CATALOG: tuple[Pattern, ...] = (
         title="Engine not installed",
         cause="Python could not import {module} in the environment the server runs in.",
         fix=(
-            "install it there: sglang-kt (`pip install sglang-kt==0.7.2`, GPU machine), kt-kernel "
-            "(`pip install kt-kernel==0.7.2`), xllamacpp (`pip install xllamacpp`)."
+            "install it there: sglang-kt on the GPU machine (`" + GPU_INSTALL + "`, which brings kt-kernel and "
+            "the rest, pinned), kt-kernel alone (`pip install --no-deps kt-kernel==0.7.2`), xllamacpp "
+            "(`pip install xllamacpp`)."
         ),
-        regex=r"No module named '?(?P<module>sglang|kt_kernel|xllamacpp)",
+        regex=r"No module named '?(?P<module>sglang|kt_kernel|xllamacpp)(?![A-Za-z0-9_])",
         example="ModuleNotFoundError: No module named 'sglang'",
     ),
     Pattern(
@@ -378,7 +468,7 @@ _CATALOG: tuple[Pattern, ...] = (
         ),
         regex=(
             r"Found no NVIDIA driver|no CUDA GPUs are available|Torch not compiled with CUDA enabled|"
-            r"CUDA driver version is insufficient"
+            r"CUDA driver version is insufficient|libcuda\.so\.1: cannot open shared object file"
         ),
         example="RuntimeError: Found no NVIDIA driver on your system.",
     ),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ktutorial import hardware as hw_mod
-from ktutorial.diagnose import diagnose
+from ktutorial.diagnose import GPU_INSTALL, diagnose
 from ktutorial.errors import UserError
 from ktutorial.plan import Goals, Plan, PlanError, make_plan
 from ktutorial.spec import ModelSpec, SpecError, known_model, known_models
@@ -35,8 +35,8 @@ NODE_MIN_MAJOR = 18  # Claude Code's npm package needs Node 18+ (2.1.332 asks fo
 # the exact pins of `ktransformers[sglang]==0.7.2` (its Requires-Dist: kt-kernel==0.7.2 and, for
 # the extra, sglang-kt==0.7.2; sglang-kt's: transformers-kt==5.6.0.post6, accelerate-kt==1.14.0.post4,
 # torch==2.9.1). `pip install sglang-kt kt-kernel` leaves out ktransformers, whose wheel holds a
-# piece and the Hopper build: `import sgl_kernel` then fails on every GPU.
-GPU_INSTALL = 'pip install "ktransformers[sglang]==0.7.2"'
+# piece and the Hopper build: `import sgl_kernel` then fails on every GPU. The install line,
+# GPU_INSTALL, lives in diagnose.py (its fixes name it too).
 GPU_STACK = {"ktransformers": "0.7.2", "sglang-kt": SGLANG_KT_VERSION, "kt-kernel": KT_KERNEL_VERSION,
              "transformers-kt": "5.6.0.post6", "accelerate-kt": "1.14.0.post4"}
 TORCH_FOR_SGL_KERNEL = "2.9.1"  # sglang-kt 0.7.2's and kt-kernel 0.7.2's torch pin; sgl_kernel links it
@@ -129,6 +129,252 @@ def _node_version() -> Optional[str]:
     return out.stdout.strip() or None
 
 
+# ---- the GPU environment: sglang-kt's sgl_kernel and the wheels it is reassembled from -------------
+# Pure functions of the installed distributions (normalized name -> version), their Requires-Dist
+# lines and kt-kernel's payload manifest, so tests drive them without installing anything;
+# `doctor()` feeds them this environment.
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_distributions() -> dict[str, str]:
+    """Every installed distribution: normalized name -> version (the first on sys.path wins, as
+    for imports)."""
+    out: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            out.setdefault(_norm(name), dist.version)
+    return out
+
+
+def parse_payload_manifest(source: str) -> Optional[dict[str, Any]]:
+    """The constants of a `sgl_kernel/_payload_manifest.py` (VERSION, PAYLOAD_MODULES, FILES, ...)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    values: dict[str, Any] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+    return values if values.get("PAYLOAD_MODULES") else None
+
+
+def read_payload_manifest() -> tuple[bool, Optional[dict[str, Any]]]:
+    """(a `sgl_kernel` package is installed, its payload manifest or None). Read as a file:
+    importing sgl_kernel loads torch and its CUDA objects, and may reassemble them first."""
+    try:
+        spec = importlib.util.find_spec("sgl_kernel")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return False, None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "_payload_manifest.py"
+        if path.is_file():
+            return True, parse_payload_manifest(path.read_text(encoding="utf-8", errors="replace"))
+    return True, None
+
+
+def payload_dist(module: str) -> str:
+    """The distribution that carries a payload module: `transformers_kt_sgl_kernel_payload` ->
+    transformers-kt."""
+    if module in PAYLOAD_DISTS:
+        return PAYLOAD_DISTS[module]
+    return _norm(module.removesuffix("_sgl_kernel_payload"))
+
+
+def payload_checks(dists: dict[str, str], manifest: Optional[dict[str, Any]] = None) -> list[Check]:
+    """Each wheel that carries a piece of `sgl_kernel` and is not installed, with its fix; one ok
+    line when all are. `manifest`: kt-kernel's `_payload_manifest.py` values (None: 0.7.2's list)."""
+    modules = tuple((manifest or {}).get("PAYLOAD_MODULES") or PAYLOAD_MODULES)
+    carriers = [(module, payload_dist(module)) for module in modules]
+    missing = [(module, dist) for module, dist in carriers if _norm(dist) not in dists]
+    need = f"all {len(modules)} wheels of the manifest: " + ", ".join(dist for _, dist in carriers)
+    if not missing:
+        found = ", ".join(f"{dist} {dists[_norm(dist)]}" for _, dist in carriers)
+        return [Check("sgl_kernel pieces", "ok", found, need)]
+    return [Check(f"sgl_kernel piece: {dist}", "missing",
+                  f"{dist} not installed (it carries {module}; without it `import sgl_kernel` fails)", need,
+                  f"{GPU_INSTALL} (installs every piece, pinned)") for module, dist in missing]
+
+
+def _pins(lines: Optional[list[str]]) -> dict[str, str]:
+    """`name==version` requirements of Requires-Dist lines (extras included): name -> version."""
+    out = {}
+    for line in lines or []:
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*==\s*([^\s;,]+)", line)
+        if m:
+            out[_norm(m.group(1))] = m.group(2)
+    return out
+
+
+# What `ktransformers[sglang]==0.7.2` pins among the KT wheels (their Requires-Dist): the tests' default.
+STACK_REQUIRES = {
+    "ktransformers": ["kt-kernel==0.7.2", 'sglang-kt==0.7.2; extra == "sglang"'],
+    "sglang-kt": ["accelerate-kt==1.14.0.post4", "kt-kernel==0.7.2", "torch==2.9.1", "transformers-kt==5.6.0.post6"],
+    "kt-kernel": ["torch==2.9.1", 'sglang-kt; extra == "sglang"'],
+    "accelerate-kt": ["torch==2.9.1"],
+}
+
+
+def stack_requires(dists: dict[str, str]) -> dict[str, list[str]]:
+    """The Requires-Dist lines of the installed KT wheels (this environment's input of the checks)."""
+    out = {}
+    for dist in GPU_STACK:
+        if dist in dists:
+            try:
+                out[dist] = importlib.metadata.requires(dist) or []
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return out
+
+
+def stack_version_checks(dists: dict[str, str], requires: Optional[dict[str, list[str]]] = None) -> list[Check]:
+    """kt-kernel / sglang-kt / ktransformers / transformers-kt / accelerate-kt versions that disagree
+    (one's exact pin on another not met: the pieces of sgl_kernel share one checksum), else those
+    that differ from the release ktutorial was tested with. `requires`: each one's Requires-Dist."""
+    requires = STACK_REQUIRES if requires is None else requires
+    installed = {d: dists[d] for d in GPU_STACK if d in dists}
+    if not installed:
+        return []
+    clashes = []
+    for dist, version in installed.items():
+        for other, want in _pins(requires.get(dist)).items():
+            if other in installed and installed[other] != want:
+                clashes.append(f"{dist} {version} needs {other}=={want}, {other} {installed[other]} is installed")
+    tested = ", ".join(f"{d} {v}" for d, v in GPU_STACK.items())
+    if clashes:
+        return [Check("KT wheel versions", "missing", "; ".join(clashes),
+                      "one release (the pieces of sgl_kernel are checked against one checksum)",
+                      f"{GPU_INSTALL} (pins all of them: {tested})")]
+    off = [f"{d} {v}" for d, v in installed.items() if v != GPU_STACK[d]]
+    if off:
+        return [Check("KT wheel versions", "warn", "agree, but differ from ktutorial's: " + ", ".join(off),
+                      tested, f"{GPU_INSTALL} for the versions ktutorial was tested with")]
+    return [Check("KT wheel versions", "ok", ", ".join(f"{d} {v}" for d, v in installed.items()), tested)]
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:2])
+
+
+def torch_check(dists: dict[str, str], requires: Optional[dict[str, list[str]]] = None,
+                manifest: Optional[dict[str, Any]] = None) -> Check:
+    """torch against the one sgl_kernel was built for (sglang-kt's exact torch pin): its CUDA objects
+    link libtorch, and another torch makes them fail to import or fail at random."""
+    requires = STACK_REQUIRES if requires is None else requires
+    pin = _pins(requires.get("sglang-kt")).get("torch") or _pins(requires.get("kt-kernel")).get("torch") \
+        or TORCH_FOR_SGL_KERNEL
+    built = f"sgl_kernel {manifest['VERSION']}" if manifest and manifest.get("VERSION") else "sglang-kt's sgl_kernel"
+    need = f"torch {pin} with CUDA ({built} was built for it)"
+    fix = (f"{GPU_INSTALL} (it pins torch=={pin}); under another torch sgl_kernel fails to import (undefined "
+           "symbol) or its ops fail at random (\"Cannot access data pointer of Tensor that doesn't have storage\")")
+    torch = dists.get("torch")
+    if torch is None:
+        return Check("torch for sgl_kernel", "missing", "torch not installed", need, fix)
+    if "+cpu" in torch:
+        return Check("torch for sgl_kernel", "missing", f"torch {torch}: a CPU build", need, fix)
+    if _major_minor(torch) != _major_minor(pin):
+        return Check("torch for sgl_kernel", "missing", f"torch {torch}", need, fix)
+    return Check("torch for sgl_kernel", "ok", f"torch {torch}", need)
+
+
+@dataclass
+class SglKernelImport:
+    """What `import sgl_kernel` did in a child process: error None when it imported."""
+
+    error: Optional[str] = None
+    timed_out: bool = False
+
+
+def _sgl_kernel_import(timeout_s: float = SGL_KERNEL_IMPORT_TIMEOUT_S) -> SglKernelImport:
+    """`import sgl_kernel` in a child process: the first import reassembles its CUDA objects, and
+    a torch it was not built for can crash the process."""
+    try:
+        out = subprocess.run([sys.executable, "-c", "import sgl_kernel"], capture_output=True, text=True,
+                             timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return SglKernelImport(error=f"import took over {timeout_s:.0f} s", timed_out=True)
+    if out.returncode == 0:
+        return SglKernelImport()
+    text = (out.stderr or out.stdout).strip()
+    if out.returncode < 0:
+        text = f"{text}\ncrashed with signal {-out.returncode}".strip()
+    return SglKernelImport(error=text or f"exit {out.returncode}")
+
+
+def sgl_kernel_check(result: SglKernelImport) -> Check:
+    """`import sgl_kernel`'s outcome; a failure's fix comes from the log diagnosis catalog."""
+    need = "`import sgl_kernel` works (sglang-kt imports it at start-up)"
+    if result.error is None:
+        return Check("import sgl_kernel", "ok", "imports", need)
+    if result.timed_out:
+        return Check("import sgl_kernel", "warn", result.error, need,
+                     "the first import reassembles about 1.3 GB: run `python -c 'import sgl_kernel'` once, "
+                     "then `ktutorial doctor` again")
+    found = diagnose(result.error, engine="sglang-kt")
+    lines = [line.strip() for line in result.error.splitlines() if line.strip()]
+    evidence = found[0].evidence.strip() if found else (lines[-1] if lines else result.error)
+    fix = f"{found[0].title}: {found[0].fix}" if found else f"{GPU_INSTALL}, on a machine with an NVIDIA GPU and driver"
+    return Check("import sgl_kernel", "missing", f"fails: {evidence[:200]}", need, fix)
+
+
+def kt_variant_check(variant: Optional[str]) -> Optional[Check]:
+    """kt-kernel's loaded CPU build: FP8 runs on every one, fast only on AMX and AVX512-BF16."""
+    if not variant:
+        return None
+    need = "a fast FP8 build: " + " or ".join(FAST_FP8_VARIANTS)
+    if variant in FAST_FP8_VARIANTS:
+        return Check("kt-kernel FP8 speed", "ok", f"CPU build {variant}", need)
+    return Check("kt-kernel FP8 speed", "warn",
+                 f"CPU build {variant}: FP8 runs, several times slower than on AMX / AVX512-BF16", need,
+                 "for the published speeds a CPU with AMX (Xeon Sapphire Rapids or newer) or AVX512-BF16 "
+                 "(AMD Zen 4 or newer); if this one has them, unset KT_KERNEL_CPU_VARIANT")
+
+
+def gpu_stack_checks(dists: dict[str, str], manifest: Optional[dict[str, Any]] = None,
+                     requires: Optional[dict[str, list[str]]] = None,
+                     sgl_kernel_import: Optional[SglKernelImport] = None, kt_variant: Optional[str] = None,
+                     sgl_kernel_present: bool = True) -> list[Check]:
+    """Everything an environment with sglang-kt needs beyond sglang-kt itself, each with its fix.
+    An sgl_kernel without kt-kernel's manifest is another build (the GPU-host bundle puts upstream's
+    sglang-kernel there): the piece and torch checks then do not apply."""
+    checks: list[Check] = []
+    for other in OTHER_SGL_KERNELS:
+        if other in dists:
+            checks.append(Check("one sgl_kernel", "warn",
+                                f"{other} {dists[other]} is installed too: it writes the same `sgl_kernel` package "
+                                "as kt-kernel (the last one installed wins)",
+                                "kt-kernel's sgl_kernel only",
+                                f"pip uninstall {other}, then pip install --force-reinstall --no-deps "
+                                f"kt-kernel=={KT_KERNEL_VERSION} (puts kt-kernel's sgl_kernel back)"))
+    foreign = sgl_kernel_present and manifest is None and "kt-kernel" in dists
+    if foreign:
+        checks.append(Check("sgl_kernel build", "warn",
+                            "sgl_kernel has no _payload_manifest.py: it is not kt-kernel's build",
+                            "kt-kernel's sgl_kernel (the tested one)",
+                            f"{GPU_INSTALL} gives the tested build; with another one torch must be the one it "
+                            "was built for"))
+    else:
+        checks += payload_checks(dists, manifest)
+    checks += stack_version_checks(dists, requires)
+    if not foreign:
+        checks.append(torch_check(dists, requires, manifest))
+    if sgl_kernel_import is not None:
+        checks.append(sgl_kernel_check(sgl_kernel_import))
+    variant = kt_variant_check(kt_variant)
+    if variant:
+        checks.append(variant)
+    return checks
+
+
 def doctor(disk_path: str | os.PathLike = ".", model: str = "minimax-m2.1",
            context_tokens: Optional[int] = None, hardware: Optional[hw_mod.Hardware] = None) -> DoctorReport:
     """This machine against MiniMax-M2.1's tutorial needs, and the tiny profile's."""
@@ -185,24 +431,33 @@ def doctor(disk_path: str | os.PathLike = ".", model: str = "minimax-m2.1",
 
     # --- software ------------------------------------------------------------------------------
     kt_version, kt_variant, kt_error = _kt_kernel_import()
+    sglang = _version("sglang-kt")
+    gpu_env = bool(sglang) and importlib.util.find_spec("sglang") is not None
     if kt_version:
+        # In the GPU environment kt-kernel must match the other KT wheels: reinstall them together.
+        kt_fix = GPU_INSTALL if gpu_env else f"pip install --no-deps kt-kernel=={KT_KERNEL_VERSION}"
         checks.append(Check("kt-kernel", "ok" if kt_version == KT_KERNEL_VERSION else "warn",
                             f"{kt_version}, imports, CPU build {kt_variant}", KT_KERNEL_VERSION,
-                            "" if kt_version == KT_KERNEL_VERSION else f"pip install --no-deps kt-kernel=={KT_KERNEL_VERSION}",
+                            "" if kt_version == KT_KERNEL_VERSION else kt_fix,
                             for_tiny=True))
     else:
         checks.append(Check("kt-kernel", "missing", kt_error, f"kt-kernel {KT_KERNEL_VERSION} importable",
                             f"pip install --no-deps kt-kernel=={KT_KERNEL_VERSION} (`make setup` does it)", for_tiny=True))
-    sglang = _version("sglang-kt")
     parser_env = Path(__file__).resolve().parents[1] / ".venv-sglang" / "bin" / "python"
-    if sglang and importlib.util.find_spec("sglang") is not None:
+    if gpu_env:
         checks.append(Check("sglang-kt", "ok" if sglang == SGLANG_KT_VERSION else "warn", sglang,
-                            SGLANG_KT_VERSION, "" if sglang == SGLANG_KT_VERSION else f"pip install sglang-kt=={SGLANG_KT_VERSION}"))
+                            SGLANG_KT_VERSION, "" if sglang == SGLANG_KT_VERSION else GPU_INSTALL))
+        dists = installed_distributions()
+        present, manifest = read_payload_manifest()
+        requires = stack_requires(dists)
+        checks += gpu_stack_checks(dists, manifest, requires, sgl_kernel_import=_sgl_kernel_import(),
+                                   kt_variant=kt_variant, sgl_kernel_present=present)
     else:
         where = " (only its argument parser, in .venv-sglang, checks commands here)" if parser_env.exists() else ""
         checks.append(Check("sglang-kt", "missing", "not installed in this environment" + where,
                             f"sglang-kt {SGLANG_KT_VERSION} on the GPU machine",
-                            f"on the GPU machine: pip install sglang-kt=={SGLANG_KT_VERSION} (brings kt-kernel and a CUDA torch)"))
+                            f"on the GPU machine: {GPU_INSTALL} (sglang-kt, kt-kernel, the other wheels that "
+                            f"carry sgl_kernel's pieces, and torch {TORCH_FOR_SGL_KERNEL} with CUDA, all pinned)"))
     xll = _version("xllamacpp")
     xll_ok = xll is not None and importlib.util.find_spec("xllamacpp") is not None
     checks.append(Check("xllamacpp (llama.cpp server)", "ok" if xll_ok else "missing", xll or "not installed",

@@ -35,6 +35,7 @@ import httpx
 import psutil
 
 from ktutorial import paths
+from ktutorial.diagnose import GPU_INSTALL
 from ktutorial.errors import MissingDependency, UserError
 
 HOST = "127.0.0.1"
@@ -232,8 +233,9 @@ def find_running(profile: str, engine: Optional[str] = None) -> Optional["Server
 
 
 def current_server() -> "Server":
-    """The most recently started live server; UserError if none runs."""
-    entries = running()
+    """The most recently started live model server; UserError if none runs. Claude Code's proxy
+    (engine "ccproxy") is not one: chat and bench go to the engine itself, not through an extra hop."""
+    entries = [e for e in running() if e.get("engine") != "ccproxy"]
     if not entries:
         raise UserError(NO_SERVER_MESSAGE)
     return Server.attach(entries[0])
@@ -654,7 +656,8 @@ def sglang_launch(
         if command[0] == sys.executable and importlib.util.find_spec("sglang") is None:
             raise MissingDependency(
                 "sglang-kt (SGLang with KT-Kernel)",
-                "on the GPU machine: pip install sglang-kt==0.7.2 (it brings kt-kernel and a CUDA torch)",
+                f"on the GPU machine: {GPU_INSTALL} (sglang-kt, kt-kernel and the wheels holding sgl_kernel's "
+                "pieces, with their CUDA torch)",
             )
     return Launch(
         engine="sglang-kt",

@@ -140,7 +140,11 @@ def test_backend_docs_name_both_backends_and_their_flags():
     for needle in ("--tool-call-parser minimax-m2", "--reasoning-parser minimax-append-think",
                    "ktutorial serve --profile tiny --detach", "llama-server", "--jinja",
                    "ANTHROPIC_BASE_URL", "ktutorial claude-code check", "claude-code-router",
-                   '"api_base_url"', cc.CLAUDE_CODE_VERSION):
+                   '"api_base_url"', cc.CLAUDE_CODE_VERSION,
+                   # SGLang-kt 0.7.2 refuses Claude Code's `role: system` entry: the docs send it through the proxy.
+                   "ktutorial claude-code proxy --base-url http://127.0.0.1:30000 --detach",
+                   "settings --via-proxy", "check --via-proxy", "python -m ktutorial.ccproxy --upstream",
+                   "ANTHROPIC_BASE_URL=http://127.0.0.1:3457"):
         assert needle in text, needle
 
 
