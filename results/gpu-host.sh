@@ -9,6 +9,8 @@
 #            Anthropic; claude-code check straight at SGLang; bench; stop; no process left
 #   failures launches that must fail, and the diagnosis ktutorial gives for each
 #   sweep    `ktutorial sweep tiny-sglang`: GPU experts 0/4/16, prefill threshold below/above the prompt
+#   synth    MiniMax-M2.1's layer shape: `ktutorial synth --layers 2`, kt-kernel alone (kernel-bench at
+#            the profile's --kt-cpuinfer), then `ktutorial sweep minimax-m2.1-synth` (GPU experts 0-256)
 #
 # The GPU host's python3 must hold torch with CUDA. With no network there, the offline bundle of
 # sglang-kt (../shared/sglang-gpu-host) is unpacked first when KTUTORIAL_GPU_BUNDLE names it.
@@ -33,7 +35,9 @@ log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 records="$out/records.jsonl"
 
 leftover() {  # SGLang's scheduler and detokenizer are children: none may outlive `ktutorial stop`
-  pgrep -f 'sglang.launch_server|sglang::|ktutorial.ccproxy' | grep -v "^$$\$" | wc -l
+  sleep 3
+  ps -eo pid,pgid,stat,etimes,args | grep -E 'sglang.launch_server|sglang::|ktutorial.ccproxy' | grep -v grep \
+    | tee -a "$out/leftover.txt" | wc -l
 }
 
 step_serve() {
@@ -79,6 +83,19 @@ PY
 step_sweep() {
   log "sweep tiny-sglang"
   kt sweep tiny-sglang --out "$records" --json > "$out/sweep.json" 2>&1 || log "sweep: some combinations failed"
+  log "processes left after the sweep: $(leftover)"
+}
+
+step_synth() {
+  log "synth --layers 2"
+  kt synth --layers 2 --out ~/models/MiniMax-M2.1-synth-2l --force --json > "$out/synth.json" || return 1
+  threads=$(python3 -c "from ktutorial import server; from ktutorial.profiles import load_profile
+print(server.plan_for_profile(load_profile('minimax-m2.1-synth')).settings['kt-cpuinfer'].value)")
+  log "kernel-bench --threads $threads --layers 2 (kt-kernel alone, same threads)"
+  kt kernel-bench --threads "$threads" --layers 2 --out "$records" --json > "$out/kernel-bench.json" 2>&1 \
+    || log "kernel-bench failed"
+  log "sweep minimax-m2.1-synth"
+  kt sweep minimax-m2.1-synth --out "$records" --json > "$out/sweep-synth.json" 2>&1 || log "sweep: some combinations failed"
   log "processes left after the sweep: $(leftover)"
 }
 
