@@ -259,7 +259,8 @@ class SGLang(_Engine):
             except (httpx.HTTPError, ValueError):
                 continue
         keep = ("version", "chunked_prefill_size", "tp_size", "max_total_tokens", "attention_backend",
-                "mem_fraction_static", "disable_radix_cache", "max_running_requests", "context_length")
+                "mem_fraction_static", "disable_radix_cache", "max_running_requests", "context_length",
+                "reasoning_parser", "tool_call_parser")
         # every kt_* setting the engine actually runs with (the launch flags are what we asked for)
         kt = sorted(k for k in info if k.startswith("kt_") and k != "kt_weight_path")
         return {f"server_{k}": info.get(k) for k in (*keep, *kt) if k in info}
@@ -462,6 +463,14 @@ def _engine_for(base_url: str, engine: Optional[str], client: httpx.Client, toke
     if name in ("sglang-kt", "sglang"):
         return SGLang(base_url, client, tokenizer_path=tokenizer_path)
     raise UserError(f"unknown engine {name!r}: use llamacpp or sglang-kt")
+
+
+def server_settings(base_url: str, engine: Optional[str] = None) -> dict[str, Any]:
+    """The engine, and the settings the server reports it runs with (SGLang: its kt_* and parser
+    fields from /server_info), for a record's environment."""
+    with httpx.Client() as client:
+        api = _engine_for(base_url, engine, client)
+        return {"engine": api.name, **api.describe()}
 
 
 def parse_lens(text: str) -> list[int]:

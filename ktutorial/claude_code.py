@@ -581,6 +581,35 @@ CHECK_NAMES = (
 )
 
 
+# Engines whose Messages route refuses part of what Claude Code sends (sglang-kt 0.7.2: a `role:
+# system` entry inside `messages`, HTTP 400): Claude Code reaches them through ktutorial's proxy.
+ENGINES_NEEDING_PROXY = ("sglang-kt",)
+
+
+def needs_proxy(engine: Optional[str]) -> bool:
+    """Whether Claude Code needs ktutorial's proxy in front of this engine (see ENGINES_NEEDING_PROXY)."""
+    return engine in ENGINES_NEEDING_PROXY
+
+
+def check_records(checks: list[CheckResult], base_url: str, model: Optional[str], via_proxy: bool,
+                  params: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+    """One `claude_check` record per item of a check, stamped with the backend's engine and the
+    settings it reports (SGLang's reasoning and tool-call parsers among them)."""
+    from ktutorial import bench, results
+
+    server = bench.server_settings(normalize_base_url(base_url))
+    env = results.environment_stamp(engine=server["engine"], model=model, extra=server)
+    return [
+        results.make_record(
+            "claude_check",
+            {"item": c.name, "via_proxy": via_proxy, "engine": server["engine"], "model": model, **(params or {})},
+            {"ok": c.ok, "detail": c.detail[:1000], "fix": c.fix[:1000], "elapsed_s": c.elapsed_s},
+            env=env,
+        )
+        for c in checks
+    ]
+
+
 def check(
     base_url: Optional[str] = None,
     model: Optional[str] = None,

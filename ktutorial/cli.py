@@ -804,6 +804,7 @@ def claude_check_cmd(
     timeout_s: float = typer.Option(300.0, "--timeout-s", help="Limit for each request."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     via_proxy: bool = _CC_VIA_PROXY,
+    out: Optional[str] = typer.Option(None, "--out", help="Append one claude_check record per item to this JSONL file."),
 ) -> None:
     """Call the backend the way Claude Code does; each part works or fails, with the fix (exit 1 if any fails)."""
     from dataclasses import asdict
@@ -811,8 +812,12 @@ def claude_check_cmd(
     from rich.table import Table
 
     from ktutorial import claude_code as cc
+    from ktutorial import results as records
 
     results = cc.check(base_url, model, timeout_s=timeout_s, via_proxy=via_proxy)
+    if out and results[0].ok:  # a dead backend has no settings to stamp the records with
+        for rec in cc.check_records(results, *cc.resolve_backend(base_url, model), via_proxy):
+            records.append_record(out, rec)
     if json_out:
         print_json([asdict(r) for r in results])
     else:

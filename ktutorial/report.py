@@ -310,6 +310,28 @@ def hybrid_table(records: Sequence[dict]) -> str:
                 "routed to GPU", "n"], rows)
 
 
+def claude_check_table(records: Sequence[dict]) -> str:
+    """Claude Code's requests replayed against each engine, straight and through ktutorial's proxy:
+    one row per item, one column per (engine, reasoning parser, route), from `claude_check` records."""
+    checks = [r for r in records if r["kind"] == "claude_check"]
+    if not checks:
+        return ""
+
+    def column(r: dict) -> str:
+        parser = r["env"].get("server_reasoning_parser")
+        return (f"{r['params']['engine']}{' ' + parser if parser else ''}, "
+                f"{'via proxy' if r['params']['via_proxy'] else 'direct'}")
+
+    columns = list(dict.fromkeys(column(r) for r in checks))
+    items = list(dict.fromkeys(r["params"]["item"] for r in checks))
+    cell: dict[tuple[str, str], str] = {}
+    for r in checks:  # the newest record of an item and column wins
+        m = r["metrics"]
+        cell[(r["params"]["item"], column(r))] = "works" if m["ok"] else f"fails: {m['detail'][:90]}"
+    rows = [[item, *(cell.get((item, c), "-") for c in columns)] for item in items]
+    return _md(["item", *columns], rows)
+
+
 def environments(records: Sequence[dict]) -> str:
     """One line per distinct environment: what produced the numbers above."""
     seen: dict[str, dict] = {}

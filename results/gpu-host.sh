@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# ktutorial on its real engine: SGLang + KT-Kernel serving the tiny model on a GPU host, every
-# step through the `ktutorial` command, every result a record. results/README.md says how to call it.
+# ktutorial on its real engine: SGLang + KT-Kernel serving the tiny model (and MiniMax-M2.1's real
+# layer shape) on a GPU host, every step through the `ktutorial` command, every result a record.
+# results/README.md says how to call it.
 #
 #   bash results/gpu-host.sh OUT_DIR [STEP ...]
 #
 # STEP (default: all of them, in this order):
-#   serve    doctor; `ktutorial serve --profile tiny-sglang`; the exact replies over OpenAI and
-#            Anthropic; claude-code check straight at SGLang; bench; stop; no process left
-#   failures launches that must fail, and the diagnosis ktutorial gives for each
+#   serve    doctor; `ktutorial serve --profile tiny-sglang` (left running); the exact replies over
+#            OpenAI and Anthropic; `claude-code check` straight at SGLang and through the proxy; bench
+#   tutorial the notebooks under --profile tiny-sglang (papermill), reusing that server; they stop it
+#   stop     `ktutorial stop --all`, and no process of SGLang (scheduler, detokenizer) may be left
+#   parser   the same Claude Code checks with --reasoning-parser minimax (what Claude Code then sees)
+#   failures the real engine started with what ktutorial refuses before a launch (--kt-method fp8, no
+#            --kt-num-gpu-experts): its log, and ktutorial's diagnosis of that log
 #   sweep    `ktutorial sweep tiny-sglang`: GPU experts 0/4/16, prefill threshold below/above the prompt
 #   synth    MiniMax-M2.1's layer shape: `ktutorial synth --layers 2`, kt-kernel alone (kernel-bench at
 #            the profile's --kt-cpuinfer), then `ktutorial sweep minimax-m2.1-synth` (GPU experts 0-256)
 #
-# The GPU host's python3 must hold torch with CUDA. With no network there, the offline bundle of
-# sglang-kt (../shared/sglang-gpu-host) is unpacked first when KTUTORIAL_GPU_BUNDLE names it.
+# The GPU host's python3 must hold torch with CUDA and sglang-kt. With no network there, the offline
+# bundle of sglang-kt (../shared/sglang-gpu-host) is unpacked first when KTUTORIAL_GPU_BUNDLE names it,
+# and KTUTORIAL_NB_WHEELS may name a folder of wheels for the notebooks (papermill, ipykernel, ...).
+# KTUTORIAL_NOTEBOOKS limits the tutorial step to some notebooks (names, space-separated).
 set -uo pipefail
 out=${1:?usage: bash results/gpu-host.sh OUT_DIR [STEP ...]}; shift
-steps=${*:-serve failures sweep}
+steps=${*:-serve tutorial stop parser failures sweep synth}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,6 +40,10 @@ export KTUTORIAL_HOME=${KTUTORIAL_HOME:-/tmp/ktutorial-home}
 kt() { python3 -m ktutorial "$@"; }
 log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 records="$out/records.jsonl"
+# KTUTORIAL_BUDGET_S: seconds this run may take (a lent host's call is limited); the tutorial step,
+# the longest, gets what is left less the time to pack the results.
+started=$(date +%s)
+remaining() { echo $(( ${KTUTORIAL_BUDGET_S:-86400} - ($(date +%s) - started) - 30 )); }
 
 leftover() {  # SGLang's scheduler and detokenizer are children: none may outlive `ktutorial stop`
   sleep 3
@@ -47,11 +58,30 @@ step_serve() {
     log "serve failed:"; tail -40 "$out/serve.err"; return 1
   fi
   log "replies"; kt replies --out "$records" || log "some replies differ (records say which)"
-  log "claude-code check, straight at SGLang"
-  kt claude-code check --json > "$out/claude-check-direct.json" 2>&1 || log "claude-code check: not all green"
+  log "claude-code check, straight at SGLang, then through ktutorial's proxy"
+  kt claude-code check --out "$records" --json > "$out/claude-check-direct.json" 2>&1 || log "direct: not all green"
+  kt claude-code check --via-proxy --out "$records" --json > "$out/claude-check-proxy.json" 2>&1 \
+    || log "via proxy: not all green"
   log "bench"; kt bench --out "$records" --json > /dev/null || log "bench failed"
+}
+
+step_tutorial() {
+  if [ -n "${KTUTORIAL_NB_WHEELS:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/nbsite "$KTUTORIAL_NB_WHEELS"/*.whl \
+      2>&1 | tail -2
+    # ahead of the bundle's site, whose IPython is a stub made for the server alone
+    export PYTHONPATH="$here:/tmp/nbsite${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  log "tutorial --profile tiny-sglang (${KTUTORIAL_NOTEBOOKS:-every notebook})"
+  only=(); for n in ${KTUTORIAL_NOTEBOOKS:-}; do only+=(--only "$n"); done
+  left=$(remaining); [ "$left" -gt 60 ] || { log "tutorial skipped: ${left} s left"; return 1; }
+  timeout "$left" python3 -m ktutorial tutorial --profile tiny-sglang --out "$out/tutorial" --no-site "${only[@]}" \
+    > "$out/tutorial.log" 2>&1 || log "tutorial: a notebook failed, or its time ran out"
+  tail -12 "$out/tutorial.log"
+}
+
+step_stop() {
   log "stop"; kt stop --all --json > /dev/null
-  sleep 2
   n=$(leftover); log "processes left after stop: $n"
   python3 - "$records" "$n" <<'PY'
 import sys
@@ -63,21 +93,48 @@ results.append_record(sys.argv[1], results.make_record(
 PY
 }
 
+step_parser() {
+  log "serve --set reasoning-parser=minimax; claude-code check direct and through the proxy"
+  kt serve --profile tiny-sglang --set reasoning-parser=minimax --detach > /dev/null 2>&1 || { log "serve failed"; return 1; }
+  kt claude-code check --out "$records" > /dev/null 2>&1 || true
+  kt claude-code check --via-proxy --out "$records" > /dev/null 2>&1 || true
+  kt replies --out "$records" > /dev/null 2>&1 || true
+  step_stop
+}
+
 step_failures() {
-  # Each launch is refused before start (ktutorial's own checks) or dies and is diagnosed from its log.
-  for bad in "kt-method=fp8" "kt-num-gpu-experts=17"; do
-    log "serve with --set $bad (must fail)"
-    kt serve --profile tiny-sglang --set "$bad" --detach --ready-timeout 240 > /dev/null 2> "$out/fail.err" && kt stop --all
-    python3 - "$records" "$bad" "$out/fail.err" <<'PY'
-import sys
-from ktutorial import results
-err = open(sys.argv[3]).read()
-results.append_record(sys.argv[1], results.make_record(
-    "launch_failure", {"profile": "tiny-sglang", "set": sys.argv[2]},
-    {"refused_before_start": "refused" in err.split("Diagnosis")[0], "message": err[-3000:]}))
+  log "the engine with --kt-method fp8, and with no --kt-num-gpu-experts"
+  python3 - "$records" <<'PY'
+import sys, time
+from ktutorial import diagnose, results, server
+records = sys.argv[1]
+base = server.prepare("tiny-sglang")
+for variant in ("kt-method fp8", "no kt-num-gpu-experts"):
+    cmd = list(base.command)
+    if variant == "kt-method fp8":
+        cmd[cmd.index("--kt-method") + 1] = "fp8"
+    else:
+        i = cmd.index("--kt-num-gpu-experts"); del cmd[i:i + 2]
+    port = server.free_port(); cmd[cmd.index("--port") + 1] = str(port)
+    launch = server.Launch(engine="sglang-kt", command=cmd, model=base.model, port=port, env=base.env,
+                           profile="tiny-sglang-failures", ready_timeout_s=240)
+    srv, t0, ready, rc, error = server.Server(launch), time.monotonic(), False, None, None
+    try:
+        srv.start(); ready = True
+    except server.ServerStartError as exc:
+        rc, error = exc.returncode, str(exc).splitlines()[0]
+    seconds = time.monotonic() - t0
+    text = open(srv.log_path, errors="replace").read()
+    srv.stop()
+    found = diagnose.diagnose(text, returncode=rc, command=cmd, engine="sglang-kt")
+    keep = [l for l in text.splitlines() if any(k in l for k in (
+        "Error", "KTransformers", "kt_num_gpu_experts", "not supported", "Traceback"))][-12:]
+    results.append_record(records, results.make_record(
+        "engine_log", {"variant": variant, "profile": "tiny-sglang"},
+        {"became_ready": ready, "returncode": rc, "seconds": round(seconds, 1), "error": error,
+         "diagnoses": [d.id for d in found], "log_lines": keep}))
+    print(f"{variant}: ready={ready} rc={rc} after {seconds:.0f} s; diagnoses {[d.id for d in found]}")
 PY
-    tail -3 "$out/fail.err"
-  done
 }
 
 step_sweep() {
@@ -100,6 +157,10 @@ print(server.plan_for_profile(load_profile('minimax-m2.1-synth')).settings['kt-c
 }
 
 for step in $steps; do "step_$step"; done
-# Server logs travel back as one archive (the log folder holds one file per launch).
+kt stop --all > /dev/null 2>&1  # a step cut short leaves nothing running
+# Few files travel back from a lent host: the records, and two archives (the server logs, one file
+# per launch; everything else, the executed notebooks among them).
 tar -czf "$out/logs.tar.gz" -C "$KTUTORIAL_HOME" logs 2>/dev/null || true
+( cd "$out" && find . -mindepth 1 -maxdepth 1 ! -name records.jsonl ! -name logs.tar.gz ! -name run.log \
+    ! -name extra.tar.gz -print0 | tar -czf extra.tar.gz --null -T - --remove-files ) 2>/dev/null || true
 log "records: $(wc -l < "$records" 2>/dev/null || echo 0) in $records"

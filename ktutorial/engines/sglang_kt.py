@@ -434,7 +434,12 @@ print(json.dumps({"results": results, "flags": flags}, default=str))
 
 
 def default_parser_python() -> Path:
-    """The parser venv `make sglang-parser-env` builds in the repository root."""
+    """This interpreter where sglang-kt itself is installed (a GPU machine); else the parser venv
+    `make sglang-parser-env` builds in the repository root."""
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is not None:
+        return Path(sys.executable)
     return Path(__file__).resolve().parents[2] / ".venv-sglang" / "bin" / "python"
 
 
