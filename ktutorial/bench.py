@@ -263,7 +263,10 @@ class SGLang(_Engine):
                 "reasoning_parser", "tool_call_parser")
         # every kt_* setting the engine actually runs with (the launch flags are what we asked for)
         kt = sorted(k for k in info if k.startswith("kt_") and k != "kt_weight_path")
-        return {f"server_{k}": info.get(k) for k in (*keep, *kt) if k in info}
+        out = {f"server_{k}": info.get(k) for k in (*keep, *kt) if k in info}
+        if info.get("model_path"):  # the layer count (the server runs here: its folder is readable)
+            out.update({k: v for k, v in model_identity(info["model_path"]).items() if k == "model_layers"})
+        return out
 
     def before_request(self):
         # The flush is refused while requests run; one request at a time means it succeeds,
@@ -330,7 +333,8 @@ def reply_checks(base_url: str, model: Optional[str], params: Optional[dict[str,
     from ktutorial import client, tiny
 
     params = dict(params or {})
-    env = results.environment_stamp(engine=params.get("engine"), model=model)
+    server = server_settings(base_url, params.get("engine"))
+    env = results.environment_stamp(engine=server["engine"], model=model, extra=server)
     greedy = {"temperature": 0}
     out = []
     for check in which:
@@ -623,14 +627,33 @@ def measure(
     return records
 
 
+def model_identity(model_dir: str | Path) -> dict[str, Any]:
+    """What a checkpoint folder's config.json says it is: its layer count, and for a synthetic
+    one (`ktutorial synth`) the generator's seed and routing, so records never pass it off as
+    the real model."""
+    try:
+        cfg = json.loads((Path(model_dir).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, Any] = {"model_layers": cfg.get("num_hidden_layers")}
+    synth = cfg.get("ktutorial_synth")
+    if isinstance(synth, dict):
+        out["model_revision"] = (f"synthetic {synth.get('base_model')}: {synth.get('layers')} layers, random FP8, "
+                                 f"{synth.get('routing')} routing, seed {synth.get('seed')} "
+                                 f"(ktutorial synth v{synth.get('format_version')})")
+    return out
+
+
 def model_revision_for(profile) -> Optional[str]:
-    """What names the weights a profile serves: the tiny model's seed and format, or the hub
-    repo and revision of a known model."""
+    """What names the weights a profile serves: the tiny model's seed and format, a synthetic
+    checkpoint's generator settings, or the hub repo and revision of a known model."""
     try:
         if profile.model == "tiny":
             from ktutorial import tiny
 
             return f"tiny seed {profile.seed}, format v{tiny.FORMAT_VERSION}"
+        if profile.model_dir and model_identity(profile.model_dir).get("model_revision"):
+            return model_identity(profile.model_dir)["model_revision"]
         from ktutorial.spec import known_model
 
         info = known_model(profile.model)

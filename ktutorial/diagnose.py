@@ -354,7 +354,10 @@ _CATALOG: tuple[Pattern, ...] = (
             r"Missing KT CUDA payload package: (?P<payload>\w+)|sgl-kernel-kt CUDA payload wheels are not installed|"
             r"sgl-kernel-kt CUDA payload archive checksum mismatch|in sgl-kernel-kt CUDA payload|"
             r"sgl-kernel-kt CUDA payload verification failed|"
-            r"\[sgl_kernel\] CRITICAL: Could not load any common_ops library|Can not import FA3 in sgl_kernel"
+            r"\[sgl_kernel\] CRITICAL: Could not load any common_ops library|"
+            # A working server logs this once per vision model it skips ("Ignore import error when
+            # loading sglang.srt.models.clip: Can not import FA3 ..."): only an unignored one counts.
+            r"^(?!.*Ignore import error).*Can not import FA3 in sgl_kernel"
         ),
         example="FileNotFoundError: Missing KT CUDA payload package: ktransformers_sgl_kernel_payload",
         shadowed_by=("sgl-kernel-torch-abi", "no-gpu"),
@@ -519,6 +522,10 @@ def diagnose(
     for pattern in _CATALOG:
         if pattern.id in found and any(s in found for s in pattern.shadowed_by):
             del found[pattern.id]
+    # A log line that explains the failure explains its exit code too: SGLang ends its own process
+    # tree with SIGKILL after a fatal error, which alone would read as the OOM killer.
+    if any(not d.evidence.startswith("exit code") for d in found.values() if d.severity == "error"):
+        found = {k: d for k, d in found.items() if not d.evidence.startswith("exit code")}
     # Errors first: they explain the exit; warnings explain slowness.
     return sorted(found.values(), key=lambda d: d.severity != "error")
 

@@ -737,9 +737,16 @@ def plot_download(plan, out_dir: str | Path) -> list[Path]:
 # =============================================================================================
 
 
-def sglang_status(profile) -> None:
-    if profile.start_sglang:
+def sglang_status(profile, srv=None, planned_model: str = "minimax-m2.1") -> None:
+    """What the profile started: the command above (the plan's), or, for a profile serving another
+    model than the one planned above (tiny-sglang serves the tiny), the command that runs."""
+    if profile.start_sglang and (profile.model == planned_model or srv is None or not srv.launch.command):
         _markdown(f"Profile `{profile.name}`: **SGLang + KT is started** with the command above.")
+    elif profile.start_sglang:
+        _markdown(f"Profile `{profile.name}`: **SGLang + KT is started** for the profile's own model "
+                  f"(`{profile.model}`, served as `{srv.model}`); the command above is {planned_model}'s for "
+                  "this machine. What runs:")
+        show_command(srv.launch.command)
     else:
         _markdown(
             f"Profile `{profile.name}`: **SGLang is not started here** (the profile says `start_sglang: false`): "

@@ -134,13 +134,18 @@ def agreement_table(records: Sequence[dict], config_key: str = "config") -> str:
         # The median: one request whose stream reached the client in a burst (a busy client
         # machine) should not hide that the others agree.
         rels = [v for v in (field(r, "decode_rel_diff") for r in recs) if isinstance(v, (int, float))]
+        # SGLang reports no decode rate of its own, only its end-to-end latency: compare that
+        what = "decode"
+        if not rels:
+            rels = [v for v in (field(r, "e2e_rel_diff") for r in recs) if isinstance(v, (int, float))]
+            what = "e2e"
         rel = statistics.median(rels) if rels else None
         delays = [v for v in (field(r, "first_token_delay_ms") for r in recs) if isinstance(v, (int, float))]
         delay = fmt(statistics.median(delays)) if delays else "-"
         rows.append([
             g["key"][config_key], g["key"]["output_len"], g["key"]["input_len"],
             _pm(m["decode_tok_s"]), _pm(m["server_decode_tok_s"]),
-            "-" if rel is None else f"{rel * 100:+.1f}%",
+            "-" if rel is None else f"{rel * 100:+.1f}% ({what})",
             _pm(m["prefill_tok_s"]), _pm(m["server_prefill_tok_s"]),
             f"{exact}/{known}" if known else "-", f"{hits}/{known}" if known else "-", delay,
         ])  # fmt: skip
@@ -310,6 +315,84 @@ def hybrid_table(records: Sequence[dict]) -> str:
                 "routed to GPU", "n"], rows)
 
 
+def reply_check_table(records: Sequence[dict]) -> str:
+    """The tiny model's exact replies per API and server (`reply_check` records)."""
+    checks = [r for r in records if r["kind"] == "reply_check"]
+    if not checks:
+        return ""
+    groups: dict[tuple, list[dict]] = {}
+    for r in checks:
+        where = r["params"].get("combination_key") and (r["params"].get("config") or r["params"]["combination_key"])
+        label = (r["params"].get("profile") or r["env"].get("engine") or "-",
+                 r["env"].get("model") or "-", r["params"].get("check", "openai"), bool(where))
+        groups.setdefault(label, []).append(r)
+    rows = [[profile, model, check, "each sweep combination" if swept else "one server",
+             f"{sum(1 for r in recs if r['metrics']['exact'])}/{len(recs)}",
+             next((r["metrics"].get("error") or r["metrics"].get("answer") for r in recs if not r["metrics"]["exact"]),
+                  recs[0]["metrics"].get("answer"))]
+            for (profile, model, check, swept), recs in groups.items()]
+    return _md(["profile", "model", "API", "where", "exact", "reply (or the first that differs)"], rows)
+
+
+def engine_log_table(records: Sequence[dict]) -> str:
+    """What the real engine did with settings ktutorial refuses before a launch, and the diagnosis
+    ktutorial made of the log it wrote (`engine_log` records)."""
+    logs = [r for r in records if r["kind"] == "engine_log"]
+    if not logs:
+        return ""
+    from ktutorial.diagnose import diagnose
+
+    rows = []
+    for r in logs:
+        m = r["metrics"]
+        # The catalog grows: diagnose the log's kept lines again with today's, beside what the run said.
+        now = diagnose("\n".join(m["log_lines"]), returncode=m["returncode"], engine="sglang-kt")
+        evidence = next((d.evidence for d in now if not d.evidence.startswith("exit code")), "-")
+        rows.append([r["params"]["variant"], "served" if m["became_ready"] else f"died (exit {m['returncode']})",
+                     fmt(m["seconds"]), ", ".join(d.id for d in now) or "none", ", ".join(m["diagnoses"]) or "none",
+                     evidence.split("] ", 1)[-1][:160]])
+    return _md(["launched with", "the engine", "after s", "ktutorial's diagnosis", "diagnosis at the run",
+                "the line it rests on"], rows)
+
+
+def orphan_table(records: Sequence[dict]) -> str:
+    rows = [[r["params"]["after"], r["params"]["profile"], r["metrics"]["processes_left"], r["time_utc"]]
+            for r in records if r["kind"] == "orphan_check"]
+    return _md(["after", "profile", "SGLang processes left", "when"], rows) if rows else ""
+
+
+def engine_vs_kernel_table(records: Sequence[dict]) -> str:
+    """Per layer at MiniMax-M2.1's shape: the engine's decode and CPU-path prefill against
+    kt-kernel alone at the same threads, in one run (bench records of a synthetic checkpoint
+    beside kt_kernel_moe records). The engine figure includes every per-step cost (scheduler,
+    attention, sampling), spread over the layers."""
+    from ktutorial.plots import KT_KIND
+
+    bench = [r for r in results.filter_records(records, kind="bench") if r["env"].get("model_layers")]
+    kernel = [r for r in records if r["kind"] == KT_KIND and field(r, "shape") == "m2.1"]
+    if not bench or not kernel:
+        return ""
+
+    def kernel_ms(phase: str, tokens: int) -> Optional[float]:
+        vals = [r["metrics"]["latency_ms"] for r in kernel if field(r, "phase") == phase and field(r, "tokens") == tokens]
+        return statistics.median(vals) if vals else None
+
+    rows = []
+    keys = ["env.server_kt_num_gpu_experts", "input_len", "env.model_layers", "env.server_kt_gpu_prefill_token_threshold"]
+    for g in results.compare(bench, keys, metrics=["ttft_s", "decode_tok_s"]):
+        n, length, layers, threshold = (g["key"][k] for k in keys)
+        decode_ms = 1000 / g["metrics"]["decode_tok_s"]["mean"] / layers
+        prefill_ms = 1000 * g["metrics"]["ttft_s"]["mean"] / layers
+        gpu_prefill = threshold is not None and length >= threshold
+        k_dec, k_pre = kernel_ms("decode", 1), kernel_ms("prefill", length)
+        rows.append([n, length, "GPU, layer by layer" if gpu_prefill else "CPU experts",
+                     fmt(decode_ms), fmt(k_dec), fmt(decode_ms / k_dec) + "×" if k_dec else "-",
+                     fmt(prefill_ms), "-" if gpu_prefill or not k_pre else fmt(k_pre),
+                     "-" if gpu_prefill or not k_pre else fmt(prefill_ms / k_pre) + "×", g["n"]])
+    return _md(["GPU experts", "prompt", "prefill path", "engine decode ms / layer", "kt-kernel alone, all 8 experts",
+                "engine / kernel", "engine TTFT ms / layer", "kt-kernel chunk ms", "engine / kernel", "n"], rows)
+
+
 def claude_check_table(records: Sequence[dict]) -> str:
     """Claude Code's requests replayed against each engine, straight and through ktutorial's proxy:
     one row per item, one column per (engine, reasoning parser, route), from `claude_check` records."""
@@ -431,6 +514,23 @@ def write_report(
     htable = hybrid_table(records)
     if htable:
         sections += ["## Hybrid layer: experts on the GPU against latency", htable]
+    evk = engine_vs_kernel_table(records)
+    if evk:
+        sections += [
+            "## The engine against its parts (MiniMax-M2.1's layer shape)",
+            "SGLang + KT on a synthetic checkpoint with M2.1's layers at full width (`ktutorial synth`), beside "
+            "kt-kernel alone at the same thread count, in one run. The engine's time per layer holds every "
+            "per-step cost too (scheduler, attention, sampling, no CUDA graphs on the host's bundle), spread "
+            "over few layers: with 62 layers the per-layer figure falls toward the kernel's.",
+            evk,
+        ]
+    for title, table_md in (("Exact replies through each API", reply_check_table(records)),
+                            ("Claude Code's requests, straight and through ktutorial's proxy",
+                             claude_check_table(records)),
+                            ("The real engine's logs and ktutorial's diagnosis", engine_log_table(records)),
+                            ("Processes left after a stop", orphan_table(records))):
+        if table_md:
+            sections += [f"## {title}", table_md]
     if figures:
         sections += ["## Charts", "\n".join(f"![{p.stem}]({p.name})" for p in figures)]
     sections += ["## Environments", environments(records)]

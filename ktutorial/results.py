@@ -270,13 +270,19 @@ def _private_strings() -> tuple[tuple[str, str], ...]:
     return tuple(sorted(pairs, key=lambda p: -len(p[0])))
 
 
+# The folder part of a path in a Python traceback line (`File "/some/where/module.py"`), which a
+# server's error body can carry: the module name says what failed; the folder is the machine's.
+_TRACEBACK_FOLDER = re.compile(r'(File \\?")/[^"\\\s]*/')
+
+
 def scrub(obj: Any) -> Any:
-    """Replace the home folder, KTUTORIAL_HOME and the hostname in every string of obj."""
+    """Replace the home folder, KTUTORIAL_HOME and the hostname in every string of obj, and the
+    folders of traceback paths."""
     if isinstance(obj, str):
         for value, label in _private_strings():
             if value in obj:
                 obj = obj.replace(value, label)
-        return obj
+        return _TRACEBACK_FOLDER.sub(r"\1.../", obj)
     if isinstance(obj, dict):
         return {k: scrub(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -780,8 +780,10 @@ def plan_for_profile(prof, **plan_options):
         opts.setdefault("context_tokens", prof.context_tokens)
     if prof.described_hardware and not any(k in opts for k in HARDWARE_OPTIONS):
         opts.update(_described_options(prof.described_hardware))
-    model_dir = opts.pop("model_dir", None) or prof.model_dir
-    if prof.model == "tiny" and not model_dir:
+    model_dir = opts.pop("model_dir", None) or (prof.model_dir if opts["model"] == prof.model else None)
+    # The tiny's own folder only when the tiny is what is planned: notebooks plan MiniMax-M2.1 for a
+    # tiny profile's machine too (`model="minimax-m2.1"`), from the shipped config.
+    if opts["model"] == "tiny" and not model_dir:
         from ktutorial import tiny
 
         model_dir = str(tiny.ensure(prof.seed).hf_dir)

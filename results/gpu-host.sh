@@ -72,6 +72,9 @@ step_tutorial() {
     # ahead of the bundle's site, whose IPython is a stub made for the server alone
     export PYTHONPATH="$here:/tmp/nbsite${PYTHONPATH:+:$PYTHONPATH}"
   fi
+  # The download notebook fetches from ktutorial's stand-in hub on 127.0.0.1; the hub client's
+  # offline switches (the bundle sets TRANSFORMERS_OFFLINE, which implies HF_HUB_OFFLINE) block that too.
+  unset HF_HUB_OFFLINE TRANSFORMERS_OFFLINE
   log "tutorial --profile tiny-sglang (${KTUTORIAL_NOTEBOOKS:-every notebook})"
   only=(); for n in ${KTUTORIAL_NOTEBOOKS:-}; do only+=(--only "$n"); done
   left=$(remaining); [ "$left" -gt 60 ] || { log "tutorial skipped: ${left} s left"; return 1; }

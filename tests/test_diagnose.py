@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -236,3 +237,21 @@ def test_new_entries_fixes_name_the_pinned_install_and_the_proxy():
     assert "--kt-num-gpu-experts" in not_applied.fix and "KTransformers EP is enabled" in not_applied.cause
     [module] = diagnose("ModuleNotFoundError: No module named 'sglang'")
     assert GPU_INSTALL in module.fix
+
+
+# Whole logs the real engine wrote on the GPU host (sglang-kt 0.7.2 + kt-kernel 0.7.2, H200,
+# 2026-12-04, results/gpu-host.sh's serve and failures steps); paths replaced by placeholders.
+REAL_LOGS = Path(__file__).parent / "data" / "sglang-kt-logs"
+
+
+@pytest.mark.parametrize("name, returncode, expected", [
+    ("served-tiny-4-gpu-experts.log", None, []),  # a good start: its FA3 import notices are not a fault
+    ("kt-method-lowercase-fp8.log", -9, ["kt-method-unknown"]),  # SGLang SIGKILLs its tree after the error
+    ("no-kt-num-gpu-experts.log", None, ["kt-not-applied"]),  # it serves, with every expert on the GPU
+])
+def test_whole_real_engine_logs(name, returncode, expected):
+    text = (REAL_LOGS / name).read_text()
+    found = diagnose(text, returncode=returncode, engine="sglang-kt")
+    assert [d.id for d in found] == expected
+    if expected == ["kt-method-unknown"]:
+        assert "--kt-method FP8" in found[0].fix and "Method 'fp8' not supported" in found[0].evidence
