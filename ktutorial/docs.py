@@ -8,7 +8,8 @@
   schema and the planner's choices), troubleshooting (`diagnose.catalog_markdown()`), serving for
   Claude Code (`claude_code.backend_docs`);
 - results: `report.write_report` over the committed records in results/ (and over the records the
-  tutorial run wrote into OUT/records, when there are any);
+  tutorial run wrote into OUT/records, when there are any); the GPU host's records and executed
+  notebooks on a page of their own;
 - the executed notebooks from OUT/notebooks. MkDocs renders them; it never executes them
   (papermill did, in `ktutorial.notebooks`).
 """
@@ -231,10 +232,54 @@ def _report_page(record_paths: list[Path], folder: Path, title: str, preface: st
     return True
 
 
-def results_pages(stage: Path, out_dir: Path) -> list[str]:
-    """results/index.md from the committed records; results/tutorial-run/index.md from this build's."""
-    pages = []
+# The real engine on a GPU host (results/gpu-host.sh), and the same checks against llama.cpp on the
+# tiny profile for the comparison; the host's executed notebooks beside their records.
+GPU_HOST_RECORDS = ("gpu-host-*.jsonl", "cpu-*-tiny-llamacpp.jsonl")
+GPU_HOST_NOTEBOOKS = "gpu-host-*-notebooks"
+GPU_HOST_PREFACE = """\
+What ran on a lent GPU host (one NVIDIA H200 beside a 16-vCPU Xeon with AMX) through ktutorial's
+own commands, with sglang-kt 0.7.2 + kt-kernel 0.7.2 from the offline bundle: `bash results/gpu-host.sh
+OUT` (`results/README.md` says how), every record stamped with the commit it ran.
+
+- **The tiny model through the real engine** (`ktutorial serve --profile tiny-sglang`): the exact
+  replies over OpenAI and Anthropic, plain, streamed and with a Bash tool round trip; the sweep of
+  GPU experts (0, 4, all 16) and of the layerwise-prefill threshold (below and above the prompt), each
+  combination answering the tiny's exact reply; no SGLang process left after a stop.
+- **MiniMax-M2.1's layer shape** (`ktutorial synth --layers 2`): the engine over 0 to 256 GPU experts,
+  prompts below and above the prefill threshold, beside kt-kernel alone at the same threads.
+- **Claude Code**: its requests straight at sglang-kt and through ktutorial's proxy, with each
+  reasoning parser, beside llama.cpp on the tiny profile (a CPU machine, `cpu-*` records).
+- **The real engine's logs** for launches ktutorial refuses before they start, and the diagnosis it
+  makes of each.
+
+What differs from the tiny profile on llama.cpp, as the tables show: sglang-kt refuses the `role: system`
+entry Claude Code sends (llama.cpp takes it; the proxy folds it into `system`); with `--reasoning-parser
+minimax` its Messages route drops the reasoning, so the planner keeps `minimax-append-think`; it reports no
+decode rate of its own, so client and server agree on end-to-end latency instead; the launch takes 35-110 s
+instead of under one; and the GPU/CPU split of the experts is the engine's, not a CPU build's.
+
+The host's executed notebooks (those that ran there: 04 runs a whole sweep, which `ktutorial sweep`
+ran instead; 07 compares with llama.cpp, whose wheel does not fit beside the engine's bundle in one
+transfer to the host) are under this page.
+"""
+
+
+def results_pages(stage: Path, out_dir: Path) -> list:
+    """results/index.md from the committed records; results/gpu-host/ from the GPU host's records and
+    executed notebooks; results/tutorial-run/index.md from this build's. Returns nav entries."""
+    pages: list = []
     committed = _root() / "results"
+    host_records = sorted(p for pattern in GPU_HOST_RECORDS for p in committed.glob(pattern))
+    if host_records and _report_page(host_records, stage / "results" / "gpu-host", "The tutorial on a GPU host",
+                                     GPU_HOST_PREFACE):
+        entries: list = [{"Records": "results/gpu-host/index.md"}]
+        for folder in sorted(committed.glob(GPU_HOST_NOTEBOOKS)):
+            target = stage / "results" / "gpu-host" / "notebooks"
+            target.mkdir(parents=True, exist_ok=True)
+            for nb in sorted(folder.glob("*.ipynb")):
+                shutil.copy2(nb, target / nb.name)
+                entries.append({NOTEBOOK_TITLES.get(nb.stem, nb.stem): f"results/gpu-host/notebooks/{nb.name}"})
+        pages.append({"The tutorial on a GPU host": entries})
     if sorted(committed.glob("*.jsonl")) and _report_page(
         [committed], stage / "results", "Results",
         "Tables and charts made by `ktutorial report` from the records committed in `results/`, measured on a "
@@ -287,8 +332,8 @@ def stage_site(out_dir: str | Path = "build") -> tuple[Path, list]:
 
     results = results_pages(stage, out)
     if results:
-        nav.append({"Results": [{"Device host records": "results/index.md"} if p == "results/index.md"
-                                else {"This tutorial run": p} for p in results]})
+        titles = {"results/index.md": "Device host records", "results/tutorial-run/index.md": "This tutorial run"}
+        nav.append({"Results": [p if isinstance(p, dict) else {titles[p]: p} for p in results]})
 
     (stage / "reference").mkdir(exist_ok=True)
     generators = {

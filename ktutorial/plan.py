@@ -609,7 +609,9 @@ def make_plan(spec: ModelSpec, hardware: Hardware, goals: Optional[Goals] = None
         "can take longer (kt-cli's M2.1 value)")
     put("tool-call-parser", "minimax-m2", "turns <minimax:tool_call><invoke ...> blocks into OpenAI/Anthropic tool calls")
     put("reasoning-parser", "minimax-append-think",
-        "keeps <think>...</think> in the reply content, which M2.1's model card asks to keep in history")
+        "keeps <think>...</think> in the reply content, which M2.1's model card asks to keep in history; with "
+        "`minimax` sglang-kt 0.7.2's Messages route drops the reasoning, so Claude Code would see none (measured: "
+        "results/gpu-host-2026-12-04-tiny-sglang.jsonl, claude_check 'thinking')")
     for flag, value in ov.items():  # overrides the planner does not compute pass through
         if flag not in settings:
             settings[flag] = Setting(value, "set by you", "you")

@@ -133,3 +133,34 @@ def test_no_server_says_how_to_start_one(tmp_path, monkeypatch, capsys):
     assert "ktutorial serve --profile tiny" in capsys.readouterr().err
     with pytest.raises(UserError, match="no server answers"):
         bench.measure("http://127.0.0.1:9", input_lens=[8], output_len=2, repeats=1, warmup=0)
+
+
+def test_reply_checks_cover_every_api_and_are_exact_on_llamacpp(tiny_server, tmp_path):
+    out = tmp_path / "replies.jsonl"
+    assert _main(["replies", "--out", str(out)]) == 0
+    recs = results.load_records(out)
+    assert [r["params"]["check"] for r in recs] == list(bench.REPLY_CHECKS)
+    assert all(r["metrics"]["exact"] for r in recs)
+    assert {r["env"]["engine"] for r in recs} == {"llamacpp"}
+    tools = [r for r in recs if r["params"]["check"].endswith("tools")]
+    assert all(r["metrics"]["tool_calls"] == [{"name": "Bash", "arguments": {"command": "echo ktutorial"}}]
+               for r in tools)
+
+
+def test_a_reply_check_that_cannot_run_is_recorded_as_not_exact(tiny_server):
+    [rec] = bench.reply_checks(tiny_server.base_url, tiny_server.model, which=("no-such-api",))
+    assert rec["metrics"]["exact"] is False and "unknown reply check" in rec["metrics"]["error"]
+
+
+def test_a_synthetic_checkpoint_is_never_named_as_the_real_model(tmp_path):
+    from ktutorial import synth
+    from ktutorial.profiles import load_profile
+
+    (tmp_path / "config.json").write_text(json.dumps(synth.config_dict(2, seed=3, routing="skewed")))
+    ident = bench.model_identity(tmp_path)
+    assert ident["model_layers"] == 2
+    assert "synthetic minimax-m2.1: 2 layers" in ident["model_revision"] and "seed 3" in ident["model_revision"]
+    prof = load_profile("minimax-m2.1-synth").model_copy(update={"model_dir": str(tmp_path)})
+    assert bench.model_revision_for(prof) == ident["model_revision"]
+    real = load_profile("minimax-m2.1")
+    assert bench.model_revision_for(real) == "MiniMaxAI/MiniMax-M2.1@main"

@@ -339,3 +339,17 @@ def test_run_timeout_kills_the_cli_and_says_why(tiny_model, token_env, tmp_path)
             assert proc.environ().get("CLAUDE_CONFIG_DIR") != str(tmp_path / "state"), proc
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
+
+
+def test_check_out_writes_one_stamped_record_per_item_and_no_token(backend, tmp_path):
+    from ktutorial import results
+    from ktutorial.cli import main
+
+    out = tmp_path / "cc.jsonl"
+    assert main(["claude-code", "check", "--base-url", backend.base_url, "--out", str(out)]) == 0
+    recs = results.load_records(out)
+    assert [r["params"]["item"] for r in recs] == list(cc.CHECK_NAMES)
+    assert all(r["metrics"]["ok"] and r["params"]["via_proxy"] is False for r in recs)
+    assert {r["env"]["engine"] for r in recs} == {"llamacpp"}
+    assert FAKE_TOKEN not in out.read_text()
+    assert cc.needs_proxy("sglang-kt") and not cc.needs_proxy("llamacpp")

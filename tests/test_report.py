@@ -125,3 +125,61 @@ def test_report_refuses_empty_input(tmp_path):
     empty.write_text("")
     with pytest.raises(UserError, match="no records"):
         report.write_report([empty], tmp_path / "out")
+
+
+# ---- the GPU host's records (results/gpu-host-*.jsonl, cpu-*-tiny-llamacpp.jsonl) -------------------
+
+def _committed(*patterns):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "results"
+    return results.load_records(*[p for pattern in patterns for p in sorted(root.glob(pattern))])
+
+
+def test_claude_code_table_shows_the_failure_and_the_fix_on_the_real_engine():
+    from ktutorial import report
+
+    table = report.claude_check_table(_committed("gpu-host-*.jsonl", "cpu-*-tiny-llamacpp.jsonl"))
+    header, _, *rows = table.splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[0] == "item" and {"llamacpp, direct", "llamacpp, via proxy", "sglang-kt minimax-append-think, direct",
+                                     "sglang-kt minimax-append-think, via proxy"} <= set(columns)
+    cells = {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")[1:]] for r in rows}
+    direct, proxied = columns.index("sglang-kt minimax-append-think, direct") - 1, \
+        columns.index("sglang-kt minimax-append-think, via proxy") - 1
+    system = cells["role: system message inside messages"]
+    llamacpp = columns.index("llamacpp, direct") - 1
+    assert system[llamacpp] == "works" and system[direct].startswith("fails: HTTP 400") and system[proxied] == "works"
+    assert all(row[proxied] == "works" for row in cells.values())  # all green through the fix
+    think = cells["thinking"][columns.index("sglang-kt minimax, via proxy") - 1]
+    assert think.startswith("fails: no reasoning")  # why the planner keeps minimax-append-think
+
+
+def test_engine_records_at_m21_width_sit_beside_kernel_records_of_the_same_run():
+    from ktutorial import report
+
+    recs = _committed("gpu-host-*-m21-synth.jsonl")
+    bench = [r for r in recs if r["kind"] == "bench"]
+    assert {r["env"]["server_kt_num_gpu_experts"] for r in bench} == {0, 16, 64, 128, 256}
+    assert {r["params"]["input_len"] for r in bench} == {2048, 8192}
+    assert {r["env"]["git_sha"] for r in recs} == {bench[0]["env"]["git_sha"]} and bench[0]["env"]["git_sha"]
+    table = report.engine_vs_kernel_table(recs)
+    assert len(table.splitlines()) == 2 + 10
+    # CPU-path prefill through the engine costs what kt-kernel alone costs, within 10%
+    row = next(r for r in table.splitlines() if r.startswith("| 0 | 2048 |"))
+    assert 0.9 <= float(row.split("|")[-3].strip().rstrip("×")) <= 1.1
+
+
+def test_engine_logs_get_todays_diagnosis_and_no_server_outlived_a_stop():
+    from ktutorial import report
+
+    recs = _committed("gpu-host-*-tiny-sglang.jsonl")
+    table = report.engine_log_table(recs)
+    assert "| kt-method fp8 | died (exit -9) |" in table and "| kt-method-unknown |" in table
+    assert "| no kt-num-gpu-experts | served |" in table and "| kt-not-applied |" in table
+    orphans = [r for r in recs if r["kind"] == "orphan_check"]
+    assert orphans and all(r["metrics"]["processes_left"] == 0 for r in orphans)
+    replies = [r for r in recs if r["kind"] == "reply_check"]
+    assert len(replies) >= 12 and all(r["metrics"]["exact"] for r in replies)
+    swept = {r["params"].get("combination_key") for r in replies} - {None}
+    assert len(swept) == 5  # every sweep combination answered the exact reply

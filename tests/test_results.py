@@ -99,3 +99,9 @@ def test_compare_groups_by_declared_keys():
     assert groups[0]["metrics"]["decode_tok_s"]["stdev"] == 0.0  # one sample: no spread, n says so
     assert results.filter_records(recs, kind="bench", threads=1) == [recs[3]]
     assert results.stable_key({"a": 1, "b": [2]}) == results.stable_key({"b": [2], "a": 1})
+
+
+def test_scrub_drops_the_folders_of_traceback_paths_a_server_sent():
+    body = 'Input should be \'user\'\n\n  File "/opt/site/sglang/srt/entrypoints/http_server.py", line 9'
+    assert results.scrub(body).endswith('File ".../http_server.py", line 9')
+    assert results.scrub('File \\"/tmp/sg') == 'File \\".../sg'  # cut short, as a detail field keeps it
