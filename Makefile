@@ -88,3 +88,23 @@ $(SGLANG_STAMP):
 
 clean:
 	rm -rf $(OUT) site
+
+# What travels to a GPU host with no network for results/gpu-host.sh (results/README.md): the
+# committed tree, the offline sglang-kt bundle from shared/, and wheels for running the notebooks
+# there (Python 3.12; the host's image has the rest). Versions pinned: the ones the tests ran with.
+GPU_HOST_CARRY ?= .gpurun
+GPU_HOST_BUNDLE ?= ../shared/sglang-gpu-host
+NB_WHEELS := papermill==2.7.0 entrypoints==0.4.2 tenacity==9.2.1 nbclient==0.11.0 nbformat==5.11.1 \
+	jupyter_client==8.10.0 jupyter_core==5.9.1 ipykernel==7.4.0 ipython==9.18.1 traitlets==5.16.1 tornado==6.6.1 \
+	comm==0.2.3 debugpy==1.8.22 matplotlib-inline==0.2.2 nest-asyncio2==1.7.4 platformdirs==4.14.9 \
+	fastjsonschema==2.22.3 ipython-pygments-lexers==1.1.1 jedi==0.20.1 parso==0.8.7 pexpect==4.9.0 ptyprocess==0.7.0 \
+	prompt_toolkit==3.0.53 wcwidth==0.9.4 stack_data==0.6.3 executing==2.3.0 asttokens==3.0.2 pure_eval==0.2.4
+.PHONY: gpu-host-carry
+gpu-host-carry:
+	rm -rf $(GPU_HOST_CARRY) && mkdir -p $(GPU_HOST_CARRY)
+	git archive HEAD -o $(GPU_HOST_CARRY)/ktutorial.tar
+	cp -r $(GPU_HOST_BUNDLE) $(GPU_HOST_CARRY)/bundle && chmod -R u+w $(GPU_HOST_CARRY)/bundle
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform any -d $(GPU_HOST_CARRY)/nbwheels $(NB_WHEELS)
+	@echo "gpu-host-carry: $$(du -sh $(GPU_HOST_CARRY) | cut -f1) in $(GPU_HOST_CARRY)/ (commit $$(git rev-parse --short HEAD))"

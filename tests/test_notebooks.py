@@ -289,6 +289,9 @@ def test_site_page_renders_the_executed_outputs_in_chromium(site_url, name):
     ("reference/launch-parameters/", "--kt-num-gpu-experts"),
     ("reference/troubleshooting/", "CUDA out of memory"),
     ("reference/cli/", "ktutorial tutorial"),
+    # the real engine: Claude Code's checks straight and through the proxy, from the host's records
+    ("results/gpu-host/", "sglang-kt minimax-append-think, via proxy"),
+    ("results/gpu-host/notebooks/05_claude_code/", "12 of 12 parts work"),
 ])
 def test_site_home_results_and_reference_render(site_url, page, must_show):
     dom = _browse(f"{site_url}/{page}", SCREENSHOTS / f"page-{page.strip('/').replace('/', '-') or 'home'}.png")
