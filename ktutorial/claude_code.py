@@ -26,8 +26,8 @@ import datetime as _dt
 import json
 import os
 import re
+import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -35,8 +35,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ktutorial import ccproxy
+import jinja2
+
+from ktutorial import ccproxy, server
 from ktutorial.errors import MissingDependency, UserError
+from ktutorial.shell import command_line
+
+# Generated pages: their text in data/templates, every value from the code (a misspelt name fails).
+_TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("ktutorial", "data/templates"), autoescape=False,
+                                keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
 
 # The version `make tools` installs and the tests ran: what npm gives on Node 20 (FACTS).
 CLAUDE_CODE_VERSION = "2.1.197"
@@ -164,14 +171,8 @@ def shell_exports(env: dict[str, str], *, show_token: bool = False, token_source
             else:
                 lines.append(f"export {name}='<your token>'  # hidden; --show-token prints it")
             continue
-        lines.append(f"export {name}={_shell_quote(value)}")
+        lines.append(f"export {name}={shlex.quote(value)}")
     return "\n".join(lines)
-
-
-def _shell_quote(value: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9_./:@%+=,-]+", value):
-        return value
-    return "'" + value.replace("'", "'\"'\"'") + "'"
 
 
 def settings_block(env: dict[str, str]) -> dict[str, Any]:
@@ -284,15 +285,8 @@ def resolve_backend(base_url: Optional[str] = None, model: Optional[str] = None)
 
 
 def _running_server() -> tuple[str, Optional[str]]:
-    try:
-        from ktutorial import server
-    except ImportError as exc:
-        raise UserError(f"no running ktutorial server known here: pass --base-url ({exc})") from exc
-    current = getattr(server, "current_server", None)
-    if current is not None:
-        srv = current()
-        return srv.base_url, getattr(srv, "model", None)
-    return server.current_base_url(), None
+    srv = server.current_server()
+    return srv.base_url, srv.model
 
 
 @contextlib.contextmanager
@@ -1046,25 +1040,8 @@ def _transcript_tool_calls(state: Path) -> list[dict]:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the CLI's process group (it runs in its own session), SIGKILL after 5 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        proc.wait(timeout=5)
-        return
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        proc.poll()
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """Stop the CLI's process group (it runs in its own session): SIGTERM, SIGKILL after 5 s."""
+    server.stop_process_group(proc.pid, grace_s=5.0, leader=proc)
     proc.wait(timeout=5)
 
 
@@ -1122,27 +1099,6 @@ def sglang_command_for_claude_code(command: list[str]) -> list[str]:
     return out
 
 
-def _wrap_command(cmd: list[str]) -> str:
-    """A long command as shell lines, one flag (with its values) a line."""
-    import shlex
-
-    def quote(arg: str) -> str:
-        # ~/ stays unquoted so the shell expands it; the rest as shlex would.
-        if arg.startswith("~/") and shlex.quote(arg[2:]) == arg[2:]:
-            return arg
-        return shlex.quote(arg)
-
-    cmd = list(cmd)
-    if cmd and os.path.isabs(cmd[0]) and re.fullmatch(r"python[0-9.]*", os.path.basename(cmd[0])):
-        cmd[0] = "python"  # this machine's interpreter path means nothing to a reader
-    groups: list[list[str]] = [[]]
-    for arg in cmd:
-        if arg.startswith("--") and groups[-1]:
-            groups.append([])
-        groups[-1].append(arg)
-    return " \\\n  ".join(" ".join(quote(a) for a in g) for g in groups)
-
-
 def backend_docs(
     sglang_url: str = "http://127.0.0.1:30000",
     sglang_model: str = "MiniMax-M2.1",
@@ -1157,7 +1113,7 @@ def backend_docs(
     sg_port = sglang_url.rsplit(":", 1)[-1]
     if sglang_command:
         cmd = sglang_command_for_claude_code(sglang_command)
-        sg_cmd = _wrap_command(cmd)
+        sg_cmd = command_line(cmd, one_flag_a_line=True)
         kt_note = "The command the plan rendered, with the two flags Claude Code needs:"
     else:
         cmd = ["python", "-m", "sglang.launch_server", "--model", "~/models/MiniMax-M2.1", "--trust-remote-code",
@@ -1169,99 +1125,9 @@ def backend_docs(
     why = "\n".join(f"- `{flag} {value}`: {reason}." for flag, (value, reason) in SGLANG_CLAUDE_CODE_FLAGS.items())
     proxy_url = f"http://{ccproxy.HOST}:{ccproxy.DEFAULT_PORT}"
     sg_env = shell_exports(claude_env(proxy_url, sglang_model, PLACEHOLDER_TOKEN))
-    return f"""\
-## Claude Code on a local backend
-
-Claude Code speaks the Anthropic Messages API (`POST /v1/messages?beta=true`, streamed, with
-Bearer auth, about twenty tools, `thinking`, a system prompt in blocks and a `role: system` entry
-inside `messages`). SGLang-kt and llama.cpp's server both serve that API themselves: point
-`ANTHROPIC_BASE_URL` at the server and name the served model. SGLang-kt 0.7.2 refuses that
-`role: system` entry (HTTP 400: role must be 'user' or 'assistant'), so Claude Code goes to it
-through ktutorial's proxy, which folds the entry into `system` and passes everything else
-through. Claude Code {CLAUDE_CODE_VERSION} (`make tools`) was checked against llama.cpp on the
-tiny model, straight and through the proxy: every item of the smoke test, and real turns in which
-it ran the Bash tool the model called and answered after its result.
-
-### SGLang-kt (MiniMax-M2.1 with KT-Kernel)
-
-{kt_note}
-
-```bash
-{sg_cmd}
-```
-
-{why}
-
-Without the tool-call parser, tool calls arrive as text and Claude Code never runs a tool.
-
-Then put ktutorial's proxy in front of it (127.0.0.1:{ccproxy.DEFAULT_PORT}, a child process with
-its own log; `ktutorial stop --port {ccproxy.DEFAULT_PORT}` ends it):
-
-```bash
-ktutorial claude-code proxy --base-url {sglang_url} --detach
-ktutorial claude-code check --via-proxy --base-url {sglang_url}   # the smoke test through it
-# what runs: python -m ktutorial.ccproxy --upstream {sglang_url} --port {ccproxy.DEFAULT_PORT}
-```
-
-It moves each `role: system` entry of a `/v1/messages` or `/v1/messages/count_tokens` body into
-the top-level `system` (appended in order; blocks stay blocks) and forwards every other byte
-unchanged, the SSE stream chunk by chunk, the Bearer token to the server only.
-
-### llama.cpp (the tiny model here; any GGUF the same way)
-
-```bash
-ktutorial serve --profile tiny --detach      # llama.cpp (xllamacpp) on 127.0.0.1, model "ktutorial-tiny"
-# or, with llama.cpp's own binary and a MiniMax-M2.1 GGUF:
-llama-server -m MiniMax-M2.1-Q8_0.gguf --jinja --alias {sglang_model} --host 127.0.0.1 --port 8080 -c 65536
-```
-
-`--jinja` makes llama.cpp use the GGUF's chat template, which turns `<think>` into thinking blocks and
-`<minimax:tool_call>` into tool_use blocks. Give it room: Claude Code's full first request is about
-77 KB (some 20k tokens for MiniMax-M2's 200k vocabulary, 45k for the tiny model's small one), so
-serve with `-c 65536`. On the tiny model (a 4096-token context, two CPU cores) shrink the request
-instead: `ktutorial claude-code run --tools Bash --system-prompt "Be terse." "..."` sends about 2k
-tokens of the same shape and finishes a tool round trip in seconds.
-
-### Point Claude Code at the server
-
-For SGLang-kt, at the proxy:
-
-```bash
-{sg_env}
-claude
-```
-
-or write the same keys into this project's `.claude/settings.local.json` (never your global
-`~/.claude/settings.json` unless you add `--global --force`, which backs it up first);
-`--via-proxy` starts the proxy if it is not running yet and points the settings at it:
-
-```bash
-ktutorial claude-code settings --via-proxy --base-url {sglang_url} --model {sglang_model} --write
-ktutorial claude-code check --via-proxy --base-url {sglang_url} --model {sglang_model}   # each part works / fails, with the fix
-ktutorial claude-code run --via-proxy --base-url {sglang_url} "Say hello"               # one real `claude -p` turn
-```
-
-For llama.cpp, which takes the request as it is, leave out `--via-proxy` and use
-`--base-url {llamacpp_url} --model {llamacpp_model}`; with a server started by `ktutorial serve`,
-both default to it. A token: `export KTUTORIAL_API_KEY=...` if the server was
-started with `--api-key`; otherwise a placeholder is sent.
-
-### claude-code-router, if you prefer a proxy
-
-[claude-code-router](https://github.com/musistudio/claude-code-router) sits between Claude Code and
-the server's OpenAI-compatible route (`/v1/chat/completions`) instead. Version 1.0.73 drops the
-`role: system` entry rather than folding it, and maps only `thinking` of type "enabled"; ktutorial's
-proxy keeps the server's own Messages route. For readers who prefer the router, `~/.claude-code-router/config.json` (if the server checks a key,
-write `"$KTUTORIAL_API_KEY"` as `api_key`: the router expands variables):
-
-```json
-{json.dumps(router_config(sglang_url, sglang_model), indent=2)}
-```
-
-```bash
-npm install -g @musistudio/claude-code-router@{ROUTER_VERSION}   # newer releases want Node 22
-ccr start                                     # listens on 127.0.0.1:3456
-ktutorial claude-code run "Say hello" --base-url http://127.0.0.1:3456 --model {sglang_model}
-# or `ccr code`, which starts Claude Code pointed at it
-```
-"""
+    return _TEMPLATES.get_template("claude_code_backends.md.j2").render(
+        claude_code_version=CLAUDE_CODE_VERSION, router_version=ROUTER_VERSION, proxy_port=ccproxy.DEFAULT_PORT,
+        kt_note=kt_note, sg_cmd=sg_cmd, why=why, sg_env=sg_env, sglang_url=sglang_url, sglang_model=sglang_model,
+        llamacpp_url=llamacpp_url, llamacpp_model=llamacpp_model,
+        router_json=json.dumps(router_config(sglang_url, sglang_model), indent=2),
+    )

@@ -164,6 +164,7 @@ def plan_cmd(
     does not fit."""
     from rich.table import Table
 
+    from ktutorial import perfmodel
     from ktutorial.doctor import plan_for
     from ktutorial.engines import sglang_kt
 
@@ -178,9 +179,10 @@ def plan_cmd(
             raise
         command = None
     env = sglang_kt.render_env(plan)
+    predicted = perfmodel.predict_plan(plan)  # the committed fit, scaled to this machine and these settings
     if json_out:
         print_json({**plan.as_dict(), "command": command, "env": env,
-                    "shell": sglang_kt.command_line(command, env) if command else None})
+                    "shell": sglang_kt.command_line(command, env) if command else None, "predicted": predicted})
     else:
         console.print(f"[bold]{plan.spec.name}[/] on {plan.hardware.label()} ({plan.hardware.source})", highlight=False)
         table = Table("flag", "value", "why", title="launch settings")
@@ -204,6 +206,12 @@ def plan_cmd(
             console.print(f"  - {reason}", highlight=False, soft_wrap=True)
         for note in plan.notes:
             console.print(f"  note: {note}", highlight=False, soft_wrap=True)
+        if predicted["available"]:
+            cells = ", ".join(f"{n}: {p['prefill_tok_s']:.0f} / {p['decode_tok_s']:.1f}" for n, p in predicted["by_prompt_len"].items())
+            console.print(f"predicted prefill / decode tok/s by prompt length: {cells} ({predicted['note']})",
+                          highlight=False, soft_wrap=True)
+        else:
+            console.print(f"predicted: none ({predicted['reason']})", highlight=False, soft_wrap=True)
         if command is not None:
             console.print("command:", highlight=False)
             print(sglang_kt.command_line(command, env))

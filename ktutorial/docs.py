@@ -21,11 +21,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from ktutorial.report import markdown_table as _md_table
+from ktutorial.tables import markdown_table as _md_table
 from ktutorial.errors import UserError
 
 NOTEBOOK_TITLES = {

@@ -24,6 +24,7 @@ from ktutorial.errors import UserError
 
 GIB = 2**30
 GB = 10**9
+UNKNOWN_CPU = "unknown CPU"  # cpu_model when /proc/cpuinfo names none
 
 
 class HardwareError(UserError):
@@ -408,7 +409,7 @@ def _gpus_from_torch() -> list[GPU]:
 
 
 def _cpuinfo(proc_root: str) -> tuple[str, tuple[str, ...]]:
-    model, flags = "unknown CPU", ()
+    model, flags = UNKNOWN_CPU, ()
     try:
         text = Path(proc_root, "cpuinfo").read_text(errors="replace")
     except OSError:
@@ -416,7 +417,7 @@ def _cpuinfo(proc_root: str) -> tuple[str, tuple[str, ...]]:
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip().lower()
-        if key == "model name" and model == "unknown CPU":
+        if key == "model name" and model == UNKNOWN_CPU:
             model = value.strip()
         elif key == "flags" and not flags:
             have = {normalize_flag(f) for f in value.split()}

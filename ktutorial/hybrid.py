@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ktutorial import ktkernel
+from ktutorial import fp8, ktkernel
 from ktutorial.errors import UserError
 
 # Decode on a small machine slows ~10x when torch's OpenMP threads spin while kt-kernel's pool
@@ -140,15 +140,6 @@ def _read_checkpoint(hf_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """FP8 weight x the float32 scale of its [bn, bk] block (block size from the shapes)."""
-    n, k = weight.shape
-    sn, sk = scale_inv.shape
-    bn, bk = math.ceil(n / sn), math.ceil(k / sk)
-    scale = scale_inv.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
-    return weight.float() * scale
-
-
 def dequantized_state_dict(hf_dir: str | Path, fault: str | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint as float32 tensors under transformers' MiniMax-M2 parameter names.
 
@@ -164,7 +155,7 @@ def dequantized_state_dict(hf_dir: str | Path, fault: str | None = None) -> dict
             continue
         scale = raw.get(key[: -len("weight")] + "weight_scale_inv") if key.endswith(".weight") else None
         if scale is not None and fault != "skip_scale":
-            dense[key] = dequantize_block_fp8(t, scale)
+            dense[key] = fp8.dequantize_block(t, scale)
         else:
             dense[key] = t.float()
 
@@ -344,18 +335,13 @@ class _LayerSplit:
 
 
 def _torch_experts(module, x, ids, weights, compute: torch.Tensor) -> torch.Tensor:
-    """transformers' eager expert loop, restricted to experts where `compute` is True."""
-    out = torch.zeros_like(x)
-    chosen = compute[ids]  # [T, k]
-    if not bool(chosen.any()):
-        return out
-    for e in torch.unique(ids[chosen]).tolist():
-        tok, pos = torch.where(ids == e)
-        h = x[tok]
+    """transformers' eager expert loop (fused gate_up_proj), restricted to experts where `compute` is True."""
+
+    def mlp(e: int, h: torch.Tensor) -> torch.Tensor:
         gate, up = torch.nn.functional.linear(h, module.gate_up_proj[e]).chunk(2, dim=-1)
-        h = torch.nn.functional.linear(module.act_fn(gate) * up, module.down_proj[e])
-        out.index_add_(0, tok, h * weights[tok, pos, None].to(h.dtype))
-    return out
+        return torch.nn.functional.linear(module.act_fn(gate) * up, module.down_proj[e])
+
+    return fp8.moe(x, ids, weights, mlp, compute)
 
 
 def hybrid_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -693,8 +679,6 @@ def compare_traces(
     """Two teacher-forced runs on the same token path, plus each one's free-running tokens."""
     max_abs = float((ref.logits - other.logits).abs().max())
     scale = float(ref.logits.abs().max())
-    dims = tuple(range(1, ref.moe_out.dim()))
-    moe_err = (other.moe_out - ref.moe_out).pow(2).sum(dims).sqrt() / ref.moe_out.pow(2).sum(dims).sqrt().clamp_min(1e-30)
     eos = list(eos)
     return Comparison(
         a=a,
@@ -705,7 +689,7 @@ def compare_traces(
         tolerance=dict(tolerance if tolerance is not None else TOL_KT),
         max_abs_dlogit=max_abs,
         rel_dlogit=max_abs / scale if scale > 0 else float("inf"),
-        moe_rel_err=float(moe_err.max()),
+        moe_rel_err=max(fp8.rel_err(o, r) for o, r in zip(other.moe_out, ref.moe_out)),
         router_flips=int((ref.chosen != other.chosen).any(dim=-1).sum()),
         min_router_margin=float(ref.margin.min()),
         gpu_experts_per_layer=gpu_experts_per_layer,

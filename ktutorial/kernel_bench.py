@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from ktutorial.errors import MissingDependency, UserError
+from ktutorial.fp8 import dequantize_block, reference_moe, rel_err
+from ktutorial.server import stop_process_group
 from ktutorial.tiny import bytes_to_unicode
 
 # Quantization blocks: FP8 checkpoints scale 128 x 128 blocks, Q8_0 scales 32 values.
@@ -225,7 +227,7 @@ def _run_child(role: str, params: dict[str, Any], log_dir: Path, timeout_s: floa
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            stop_process_group(proc.pid, grace_s=5.0, leader=proc)
             proc.wait()
             rc = None
     if rc != 0 or not result_path.is_file():
@@ -236,7 +238,7 @@ def _run_child(role: str, params: dict[str, Any], log_dir: Path, timeout_s: floa
 
 
 # ---------------------------------------------------------------------------------------------
-# random FP8 weights and the float32 reference (used by the kt and hybrid children)
+# random FP8 weights (the float32 reference the kt and hybrid children check them with is fp8.py's)
 
 
 def random_fp8(shape: Sequence[int], generator=None):
@@ -298,47 +300,13 @@ class Fp8Experts:
             down_scale=random_scales(h, i, e, i, g),
         )
 
-    @staticmethod
-    def _deq(w, s, device=None):
-        import torch
-
-        w, s = w.to(device), s.to(device)  # on a GPU when given one: dequantizing is the slow part
-        return w.float() * torch.repeat_interleave(torch.repeat_interleave(s, FP8_BLOCK, 0), FP8_BLOCK, 1)
-
     def dequantized(self, e: int, device=None):
         """Expert e as float32 (w1, w3, w2): fp8 value x the scale of its 128 x 128 block."""
         return (
-            self._deq(self.gate[e], self.gate_scale[e], device),
-            self._deq(self.up[e], self.up_scale[e], device),
-            self._deq(self.down[e], self.down_scale[e], device),
+            dequantize_block(self.gate[e], self.gate_scale[e], device),
+            dequantize_block(self.up[e], self.up_scale[e], device),
+            dequantize_block(self.down[e], self.down_scale[e], device),
         )
-
-
-def reference_moe(experts: Fp8Experts, x, ids, weights, skip: Optional[set] = None):
-    """float32 MoE output [T, H]: sum over chosen experts of w * W2 (silu(W1 x) * (W3 x))."""
-    import torch
-
-    xf = x.float()
-    out = torch.zeros(xf.shape, dtype=torch.float32, device=xf.device)
-    for e in torch.unique(ids).tolist():
-        if skip and e in skip:
-            continue
-        rows, cols = (ids == e).nonzero(as_tuple=True)
-        w1, w3, w2 = experts.dequantized(e, xf.device)
-        xe = xf[rows]
-        y = (torch.nn.functional.silu(xe @ w1.T) * (xe @ w3.T)) @ w2.T
-        out.index_add_(0, rows, y * weights[rows, cols].float().unsqueeze(1))
-    return out
-
-
-def rel_err(out, ref) -> float:
-    import torch
-
-    num = (out.float().cpu() - ref.float().cpu()).norm().item()
-    den = ref.float().norm().item()
-    if not math.isfinite(num) or den == 0:
-        return float("inf")
-    return num / den
 
 
 def random_routing(tokens: int, experts: int, top_k: int, generator=None, probs=None):

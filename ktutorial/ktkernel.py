@@ -2,7 +2,7 @@
 
 SGLang-KT hands the experts that are not on the GPU to kt-kernel's `KTMoEWrapper`. This
 module drives that same wrapper on one layer of an HF checkpoint folder, and computes a
-float32 reference from the same FP8 bytes so the two can be compared.
+float32 reference from the same FP8 bytes (fp8.reference_moe) so the two can be compared.
 
 Two traps on a CPU-only machine (both silent or confusing, both handled in `import_kt_kernel`):
 - the wrapper allocates its buffers with `pin_memory=True`, which needs an NVIDIA driver
@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from ktutorial import fp8
 from ktutorial.errors import MissingDependency, UserError
 from ktutorial.spec import ModelSpec
 
@@ -227,58 +228,33 @@ class CPUExperts:
         return out
 
 
-def _expert_weights(hf_dir: Path, layer_idx: int):
-    """Dequantized float32 (w1, w3, w2) lists for one layer, straight from the safetensors."""
-    import torch
-    from safetensors import safe_open
+class CheckpointExperts:
+    """One layer's experts read from the checkpoint's safetensors as they are asked for."""
 
-    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    prefix = f"model.layers.{layer_idx}.block_sparse_moe.experts."
-    handles: dict[str, object] = {}
+    def __init__(self, hf_dir: str | Path, layer_idx: int):
+        self.hf_dir = Path(hf_dir)
+        self.index = json.loads((self.hf_dir / "model.safetensors.index.json").read_text())["weight_map"]
+        self.prefix = f"model.layers.{layer_idx}.block_sparse_moe.experts."
+        self._handles: dict[str, object] = {}
 
-    def get(name):
-        fname = index[name]
-        if fname not in handles:
-            handles[fname] = safe_open(str(hf_dir / fname), framework="pt")
-        return handles[fname].get_tensor(name)
+    def _get(self, name: str):
+        from safetensors import safe_open
 
-    def deq(name):
-        q = get(name).float()
-        s = get(name + "_scale_inv").float()
-        rows, cols = q.shape
-        br, bc = rows // s.shape[0], cols // s.shape[1]
-        return q * s.repeat_interleave(br, 0).repeat_interleave(bc, 1)
+        fname = self.index[name]
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(str(self.hf_dir / fname), framework="pt")
+        return self._handles[fname].get_tensor(name)
 
-    n = 1 + max(int(k[len(prefix):].split(".")[0]) for k in index if k.startswith(prefix))
-    w1 = [deq(f"{prefix}{e}.w1.weight") for e in range(n)]
-    w3 = [deq(f"{prefix}{e}.w3.weight") for e in range(n)]
-    w2 = [deq(f"{prefix}{e}.w2.weight") for e in range(n)]
-    return w1, w3, w2
+    def dequantized(self, e: int, device=None):
+        """Expert e as float32 (w1, w3, w2)."""
+        names = (f"{self.prefix}{e}.{w}.weight" for w in ("w1", "w3", "w2"))
+        return tuple(fp8.dequantize_block(self._get(n), self._get(n + "_scale_inv"), device) for n in names)
 
 
 def reference_experts(hf_dir: str | Path, layer_idx: int, x, topk_ids, topk_weights, gpu_mask=None):
-    """Float32 reference for CPUExperts.forward: dequantized FP8 weights, SiLU-gated MLPs."""
+    """Float32 reference for CPUExperts.forward: fp8.reference_moe on the checkpoint's experts,
+    leaving out those `gpu_mask` marks as on the GPU."""
     import torch
 
-    w1, w3, w2 = _expert_weights(Path(hf_dir), layer_idx)
-    x = torch.as_tensor(x, dtype=torch.float32)
-    ids = torch.as_tensor(topk_ids, dtype=torch.int64)
-    w = torch.as_tensor(topk_weights, dtype=torch.float32)
     skip = None if gpu_mask is None else torch.as_tensor(gpu_mask, dtype=torch.bool)
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if skip is not None and bool(skip[e]):
-                continue
-            h = torch.nn.functional.silu(w1[e] @ x[t]) * (w3[e] @ x[t])
-            out[t] += w[t, j] * (w2[e] @ h)
-    return out
-
-
-def rel_err(a, b) -> float:
-    """||a - b|| / ||b|| (Frobenius)."""
-    import torch
-
-    a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+    return fp8.reference_moe(CheckpointExperts(hf_dir, layer_idx), x, topk_ids, topk_weights, skip=skip)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from ktutorial.errors import MissingDependency, UserError
+from ktutorial.shell import command_line
 
 NOTEBOOKS = [
     "00_check_and_plan",
@@ -430,19 +431,7 @@ def show_command(command: Any, env: Optional[dict] = None) -> None:
     if isinstance(command, Launch):
         env = command.env if env is None else env
         command = command.command
-    args = ["python" if a == sys.executable else a for a in command]
-    groups: list[list[str]] = [[]]
-    for arg in args:
-        if arg.startswith("--") and groups[-1]:
-            groups.append([])
-        groups[-1].append(arg)
-    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
-    body = " \\\n  ".join(" ".join(_quote(a) for a in g) for g in groups)
-    _markdown("```bash\n" + scrubbed((prefix + " " if prefix else "") + body) + "\n```")
-
-
-def _quote(arg: str) -> str:
-    return "~/" + shlex.quote(arg[2:]) if arg.startswith("~/") else shlex.quote(arg)
+    _markdown("```bash\n" + scrubbed(command_line(command, env, one_flag_a_line=True)) + "\n```")
 
 
 def server_facts(server) -> dict:

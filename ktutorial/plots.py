@@ -418,3 +418,35 @@ def memory_breakdown(memory: Any, out_dir: Path, title: str = "planned memory") 
         _stacked(ax, parts, capacity, unit, name)
     fig.suptitle(title, fontsize=10)
     return [save_figure(fig, out_dir / "plan_memory.png")]
+
+
+# ---- performance model -----------------------------------------------------------------------
+
+
+def perfmodel_vs_published(rows: Sequence[dict], out_dir: Path) -> list[Path]:
+    """Predicted (ktutorial.perfmodel, fitted on our host) beside published prefill and decode tok/s
+    against prompt length, one colour per published configuration; published dashed, as elsewhere."""
+    if not rows:
+        return []
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, title in ((axes[0], "prefill_tok_s", "prefill (tok/s)"), (axes[1], "decode_tok_s", "decode (tok/s)")):
+        for i, config in enumerate(configs):
+            sel = sorted((r for r in rows if r["config"] == config), key=lambda r: r["prompt_len"])
+            xs = [r["prompt_len"] for r in sel]
+            color = f"C{i}"
+            ax.plot(xs, [r[f"predicted_{metric}"] for r in sel], marker="o", color=color, label=f"predicted: {config}")
+            ax.plot(xs, [r[f"published_{metric}"] for r in sel], marker="x", linestyle="--", alpha=0.7, color=color,
+                    label=f"published: {config}")
+            for r in sel:
+                ax.annotate(f"{r[metric.split('_')[0] + '_rel_err'] * 100:+.0f}%", (r["prompt_len"], r[f"predicted_{metric}"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel(title)
+        ax.set_title(f"{title}: model against the published table", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("SGLang + KT on MiniMax-M2.1: predicted from our host's records (no fit to the published figures)",
+                 fontsize=10)
+    return [save_figure(fig, out_dir / "perfmodel_vs_published.png")]

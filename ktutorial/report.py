@@ -12,13 +12,14 @@ import json
 import statistics
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
 
-from ktutorial import results
+from ktutorial import perfmodel, results
 from ktutorial.errors import UserError
 from ktutorial.results import field
+from ktutorial.tables import fmt, markdown_table, md_cell  # noqa: F401 (md_cell: callers import it from here)
 
 LAYERS_M21 = 62  # MiniMax-M2.1: every one of its 62 layers is a MoE layer
 
@@ -29,37 +30,10 @@ def load_published() -> dict[str, Any]:
     return yaml.safe_load(text)
 
 
-def fmt(x: Optional[float]) -> str:
-    """3 significant figures or so; "-" for missing."""
-    if x is None:
-        return "-"
-    ax = abs(x)
-    if ax >= 100:
-        return f"{x:.0f}"
-    if ax >= 10:
-        return f"{x:.1f}"
-    if ax >= 1:
-        return f"{x:.2f}"
-    return f"{x:.3g}"
-
-
 def _pm(s: dict) -> str:
     if s["mean"] is None:
         return "-"
     return f"{fmt(s['mean'])} ± {fmt(s['stdev'])}" if s["n"] > 1 else fmt(s["mean"])
-
-
-def md_cell(value: Any) -> str:
-    """One markdown table cell: a '|' inside would end the cell, a newline the row."""
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]]) -> str:
-    """The one markdown-table writer for reports, docs and notebooks (headers escaped too)."""
-    lines = ["| " + " | ".join(md_cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(md_cell(c) for c in row) + " |")
-    return "\n".join(lines)
 
 
 _md = markdown_table
@@ -533,6 +507,11 @@ def write_report(
             sections += [f"## {title}", table_md]
     if figures:
         sections += ["## Charts", "\n".join(f"![{p.stem}]({p.name})" for p in figures)]
+    model_md, model_rows = perfmodel.report_section(records)
+    if model_md:
+        chart = plots.perfmodel_vs_published(model_rows, out)
+        figures += chart
+        sections += ["## Performance model against the published table", model_md, *(f"![{p.stem}]({p.name})" for p in chart)]
     sections += ["## Environments", environments(records)]
 
     md_path = out / "report.md"

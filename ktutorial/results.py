@@ -30,6 +30,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+import psutil
+
+from ktutorial import hardware
 from ktutorial.errors import UserError
 
 SCHEMA = "ktutorial.record/1"
@@ -119,57 +122,24 @@ def _kt_kernel() -> dict[str, Any]:
     return {"kt_kernel_version": version, "kt_kernel_variant": variant and str(variant)}
 
 
-def _gpus() -> dict[str, Any]:
-    out = _run(
-        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader,nounits"]
-    )
-    if out:
-        gpus = []
-        for line in out.splitlines():
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) >= 3:
-                try:
-                    mem_gb = round(float(parts[2]) / 1024, 1)  # nvidia-smi reports MiB
-                except ValueError:
-                    mem_gb = None
-                gpus.append({"name": parts[0], "memory_gib": mem_gb})
-                driver = parts[1]
-        if gpus:
-            return {"gpus": gpus, "gpu_count": len(gpus), "gpu_driver": driver}
-    # No nvidia-smi: ask torch, but only where an NVIDIA driver exists (importing torch costs
-    # seconds and a CPU build answers nothing).
-    if os.path.exists("/proc/driver/nvidia") and importlib.util.find_spec("torch") is not None:
-        try:
-            import torch
+def _hardware_fields() -> dict[str, Any]:
+    """The stamp's hardware fields, from hardware.detect() (this machine, as the planner sees it).
 
-            if torch.cuda.is_available():
-                gpus = []
-                for i in range(torch.cuda.device_count()):
-                    prop = torch.cuda.get_device_properties(i)
-                    gpus.append({"name": prop.name, "memory_gib": round(prop.total_memory / 2**30, 1)})
-                return {"gpus": gpus, "gpu_count": len(gpus), "gpu_driver": None}
-        except Exception:
-            pass
-    return {"gpus": [], "gpu_count": 0, "gpu_driver": None}
-
-
-def _cpu_model() -> Optional[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def _numa_nodes() -> Optional[int]:
-    try:
-        nodes = [p for p in os.listdir("/sys/devices/system/node") if re.fullmatch(r"node\d+", p)]
-        return len(nodes) or None
-    except OSError:
-        return None
+    cpu_physical_cores and cpu_logical are the host's; cpu_affinity the CPUs this process may use
+    (containers and taskset narrow it); numa_nodes those holding CPUs.
+    """
+    hw = hardware.detect()
+    return {
+        "gpus": [{"name": g.name, "memory_gib": round(g.memory_gib, 1)} for g in hw.gpus],
+        "gpu_count": hw.gpu_count,
+        "gpu_driver": hw.gpus[0].driver if hw.gpus else None,
+        "cpu_model": None if hw.cpu_model == hardware.UNKNOWN_CPU else hw.cpu_model,
+        "cpu_physical_cores": hardware.physical_cores() or psutil.cpu_count(logical=False),
+        "cpu_logical": psutil.cpu_count(logical=True),
+        "cpu_affinity": hw.logical_cpus,
+        "numa_nodes": hw.numa_nodes,
+        "ram_gb": round(hw.ram_gb, 1),
+    }
 
 
 def _os_name() -> str:
@@ -186,8 +156,6 @@ def _os_name() -> str:
 @functools.lru_cache(maxsize=1)
 def _static_stamp() -> dict[str, Any]:
     """What does not change during a process: computed once (nvidia-smi and git cost time)."""
-    import psutil
-
     from ktutorial import __version__
 
     stamp: dict[str, Any] = {"ktutorial_version": __version__}
@@ -202,16 +170,9 @@ def _static_stamp() -> dict[str, Any]:
         }
     )
     stamp.update(_kt_kernel())
-    stamp.update(_gpus())
+    stamp.update(_hardware_fields())
     stamp.update(
         {
-            "cpu_model": _cpu_model(),
-            "cpu_physical_cores": psutil.cpu_count(logical=False),
-            "cpu_logical": psutil.cpu_count(logical=True),
-            # The cores this process may use (containers and taskset narrow it).
-            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "numa_nodes": _numa_nodes(),
-            "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
             "os": _os_name(),
             "kernel": platform.release(),
             "machine": platform.machine(),

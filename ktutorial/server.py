@@ -21,7 +21,6 @@ import datetime as _dt
 import errno
 import json
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -37,6 +36,7 @@ import psutil
 from ktutorial import paths
 from ktutorial.diagnose import GPU_INSTALL
 from ktutorial.errors import MissingDependency, UserError
+from ktutorial.shell import command_line
 
 HOST = "127.0.0.1"
 LLAMACPP_READY_TIMEOUT_S = 120.0
@@ -86,14 +86,7 @@ class Launch:
 
     def shell(self) -> str:
         """One line to copy; this interpreter shows as `python` (no path of this machine)."""
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
-        def quote(arg: str) -> str:
-            if arg == sys.executable:
-                return "python"
-            return "~/" + shlex.quote(arg[2:]) if arg.startswith("~/") else shlex.quote(arg)
-
-        args = [quote(a) for a in self.command]
-        return (env + " " if env else "") + " ".join(args)
+        return command_line(self.command, self.env)
 
 
 # ---- ports --------------------------------------------------------------------------------------
@@ -186,6 +179,40 @@ def _group_members(pgid: int) -> list[psutil.Process]:
         except (ProcessLookupError, psutil.Error, OSError):
             continue
     return members
+
+
+def stop_process_group(pgid: int, grace_s: float = STOP_GRACE_S, leader: Optional[subprocess.Popen] = None) -> bool:
+    """SIGTERM process group `pgid`, wait up to `grace_s` for its members to exit, SIGKILL what
+    remains and wait up to 5 s more. True when no member is left.
+
+    `leader`, when it is our own child, is reaped while waiting (a zombie is no member, but should
+    not linger). The group is signalled as a whole (killpg), so processes forked during the grace
+    period are stopped too; members are counted with psutil, zombies left out.
+    """
+
+    def alive() -> bool:
+        if leader is not None:
+            leader.poll()
+        return bool(_group_members(pgid))
+
+    def wait_until_gone(timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass  # a member not ours to signal: it still counts while it lives
+        if wait_until_gone(wait_s):
+            return True
+    return False
 
 
 def _read_entries() -> list[tuple[Path, dict]]:
@@ -486,27 +513,8 @@ class Server:
             # The pid now belongs to an unrelated process (reused): not ours to signal.
             self._forget()
             return
-        self._signal_group(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and self._group_alive(pgid):
-            time.sleep(0.05)
-        if self._group_alive(pgid):
-            self._signal_group(pgid, signal.SIGKILL)
-            deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline and self._group_alive(pgid):
-                time.sleep(0.05)
+        stop_process_group(pgid, grace_s, leader=self.proc)
         self._forget()
-
-    def _signal_group(self, pgid: int, sig: int) -> None:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def _group_alive(self, pgid: int) -> bool:
-        if self.proc is not None:
-            self.proc.poll()  # reap our own child so it does not linger as a zombie
-        return bool(_group_members(pgid))
 
     def _forget(self) -> None:
         if self.proc is not None:

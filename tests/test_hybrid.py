@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ktutorial import hybrid as hy
+from ktutorial.fp8 import dequantize_block
 from ktutorial.errors import UserError
 
 N_TOKENS = 32
@@ -79,7 +80,7 @@ def test_coverage_counts_activations_on_gpu_experts():
 def test_dequantize_uses_each_block_scale():
     w = torch.ones(256, 128).to(torch.float8_e4m3fn)
     s = torch.tensor([[2.0], [0.5]])
-    d = hy.dequantize_block_fp8(w, s)
+    d = dequantize_block(w, s)
     assert (d[:128] == 2.0).all() and (d[128:] == 0.5).all()
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ktutorial.errors import UserError
+from ktutorial.shell import command_line  # noqa: F401  (sglang_kt.command_line: docs.py renders through it)
 
 ENTRY = ["-m", "sglang.launch_server"]
 
@@ -364,19 +364,6 @@ def render_command(plan: Any, overrides: Optional[dict[str, Any]] = None, *, pyt
 def render_env(plan: Any = None) -> dict[str, str]:
     """Environment variables for the launch (each justified in ENV)."""
     return {k: v for k, (v, _why) in ENV.items()}
-
-
-def command_line(command: Sequence[str], env: Optional[dict[str, str]] = None) -> str:
-    """One shell line to copy: this interpreter shown as `python`, a leading ~/ left unquoted."""
-    def quote(arg: str) -> str:
-        if arg == sys.executable:
-            return "python"
-        if arg.startswith("~/"):
-            return "~/" + shlex.quote(arg[2:])
-        return shlex.quote(arg)
-
-    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
-    return (prefix + " " if prefix else "") + " ".join(quote(a) for a in command)
 
 
 # ---- sglang-kt's own parser -----------------------------------------------------------------------
