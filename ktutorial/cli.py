@@ -1019,8 +1019,7 @@ def tutorial_cmd(
 
     start = time.perf_counter()
     console.print(f"ktutorial tutorial: profile {profile}, output in {out}/", highlight=False)
-    result = notebooks.run_tutorial(profile, out, only=only or None, build_site=False,
-                                    progress=notebooks.main_progress(console))
+    result = notebooks.run_tutorial(profile, out, only=only or None, progress=notebooks.main_progress(console))
     for entry in result.stopped_servers:
         console.print(f"stopped the {entry['engine']} server the notebooks left running (pid {entry['pid']})",
                       highlight=False)
@@ -1031,7 +1030,7 @@ def tutorial_cmd(
         console.print("site: mkdocs build --strict ...", highlight=False)
         t0 = time.perf_counter()
         try:
-            site = build_site(out)
+            site = build_site(out, typer.main.get_command(app))
         except UserError as exc:
             if not only:
                 raise
@@ -1062,7 +1061,7 @@ def docs_cmd(
 
     from ktutorial.docs import build_site
 
-    build_site(out)
+    build_site(out, typer.main.get_command(app))
     site = Path(out) / "site"
     console.print(f"site: {site}/ (serve it: python -m http.server -d {site} 8000)", highlight=False, soft_wrap=True)
 

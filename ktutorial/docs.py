@@ -26,6 +26,7 @@ import yaml
 
 from ktutorial.tables import markdown_table as _md_table
 from ktutorial.errors import UserError
+from ktutorial.layout import NOTEBOOKS, NOTEBOOKS_DIR, repo_root
 
 NOTEBOOK_TITLES = {
     "00_check_and_plan": "0 · Check and plan",
@@ -46,8 +47,6 @@ REFERENCE_PAGES = {
 
 
 def _root() -> Path:
-    from ktutorial.notebooks import repo_root
-
     return repo_root()
 
 
@@ -62,15 +61,11 @@ def _param_type(param, ctx) -> str:
     return getattr(kind, "name", "") or ""
 
 
-def cli_reference() -> str:
-    """Every `ktutorial` command with its usage, help and options, from the click command tree.
+def cli_reference(root) -> str:
+    """Every `ktutorial` command with its usage, help and options, from the click command tree
+    (`typer.main.get_command(app)`, passed in by the CLI: the site builder does not import it).
 
     typer ships its own copy of click, so commands and parameters are read by shape, not class."""
-    import typer.main
-
-    from ktutorial.cli import app
-
-    root = typer.main.get_command(app)
     out = [
         "# Command line",
         "",
@@ -307,9 +302,9 @@ def results_pages(stage: Path, out_dir: Path) -> list:
 # ---- staging and building ---------------------------------------------------------------------------
 
 
-def stage_site(out_dir: str | Path = "build") -> tuple[Path, list]:
-    """Copy and generate every page into OUT/docs; return it and the nav."""
-    from ktutorial.notebooks import NOTEBOOKS, NOTEBOOKS_DIR
+def stage_site(out_dir: str | Path, cli_command) -> tuple[Path, list]:
+    """Copy and generate every page into OUT/docs; return it and the nav. `cli_command`: the
+    `ktutorial` click command, for the CLI reference page."""
 
     out = Path(out_dir).resolve()
     stage = out / "docs"
@@ -336,7 +331,7 @@ def stage_site(out_dir: str | Path = "build") -> tuple[Path, list]:
 
     (stage / "reference").mkdir(exist_ok=True)
     generators = {
-        "reference/cli.md": cli_reference,
+        "reference/cli.md": lambda: cli_reference(cli_command),
         "reference/launch-parameters.md": launch_parameters_page,
         "reference/troubleshooting.md": troubleshooting_page,
         "reference/claude-code.md": claude_code_page,
@@ -347,9 +342,9 @@ def stage_site(out_dir: str | Path = "build") -> tuple[Path, list]:
     return stage, nav
 
 
-def build_site(out_dir: str | Path = "build", strict: bool = True) -> Path:
-    """Stage the site and run `mkdocs build --strict` into OUT/site; returns OUT/site."""
-    from ktutorial.notebooks import NOTEBOOKS, NOTEBOOKS_DIR
+def build_site(out_dir: str | Path, cli_command, strict: bool = True) -> Path:
+    """Stage the site and run `mkdocs build --strict` into OUT/site; returns OUT/site.
+    `cli_command`: the `ktutorial` click command (`typer.main.get_command(cli.app)`)."""
 
     out = Path(out_dir).resolve()
     missing = [n for n in NOTEBOOKS if not (out / NOTEBOOKS_DIR / f"{n}.ipynb").is_file()]
@@ -357,7 +352,7 @@ def build_site(out_dir: str | Path = "build", strict: bool = True) -> Path:
         # The home page links every notebook: a strict build of a partial site would fail on them.
         raise UserError(f"no executed notebook(s) {', '.join(missing)} in {out / NOTEBOOKS_DIR}: run "
                         f"`ktutorial tutorial --out {out_dir}` (all notebooks) first")
-    stage, nav = stage_site(out)
+    stage, nav = stage_site(out, cli_command)
     config = yaml.safe_load((_root() / "mkdocs.yml").read_text())
     config.update({"docs_dir": str(stage), "site_dir": str(out / "site"), "nav": nav})
     generated = out / "mkdocs.generated.yml"

@@ -2,8 +2,8 @@
 
 Running: notebooks in `notebooks/` are stored without outputs; `run_tutorial()` executes copies
 into `OUT/notebooks/` (papermill parameters `profile` and `out_dir`; nothing else differs
-between a reader's GPU machine and CI), stops the servers they left running for the profile,
-then builds the site (`ktutorial.docs`).
+between a reader's GPU machine and CI) and stops the servers they left running for the profile;
+`ktutorial tutorial` then builds the site (`ktutorial.docs`).
 
 Inside a notebook: the notebooks stay thin (one library call a cell); the helpers below turn
 library results into tables, charts and sentences. Every number they print comes from a
@@ -25,18 +25,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from ktutorial.errors import MissingDependency, UserError
+from ktutorial.layout import FIGURES_DIR, NOTEBOOKS, NOTEBOOKS_DIR, RECORDS_DIR, repo_root  # noqa: F401 (re-exported)
 from ktutorial.shell import command_line
 
-NOTEBOOKS = [
-    "00_check_and_plan",
-    "01_download",
-    "02_launch",
-    "03_requests",
-    "04_tuning_sweeps",
-    "05_claude_code",
-    "06_llamacpp_comparison",
-    "07_inside_kt",
-]
 
 # huggingface_hub imports tqdm.auto, which warns in a kernel without ipywidgets; downloads here
 # run with progress=False, so the warning says nothing useful.
@@ -44,19 +35,6 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 
 # A cell that runs longer than this is stuck (a server that never answers), not slow.
 CELL_TIMEOUT_S = 600
-# Sub-folders of the output folder the notebooks write into.
-RECORDS_DIR, FIGURES_DIR, NOTEBOOKS_DIR = "records", "figures", "notebooks"
-
-
-def repo_root() -> Path:
-    """The checkout holding notebooks/ (the package is installed editable from it)."""
-    here = Path(__file__).resolve().parent.parent
-    if (here / "notebooks").is_dir():
-        return here
-    cwd = Path.cwd()
-    if (cwd / "notebooks").is_dir():
-        return cwd
-    raise UserError("notebooks/ not found: run ktutorial tutorial from the ktutorial checkout")
 
 
 # =============================================================================================
@@ -76,8 +54,6 @@ class TutorialResult:
     profile: str
     out_dir: Path
     runs: list[NotebookRun] = field(default_factory=list)
-    site_dir: Optional[Path] = None
-    site_seconds: Optional[float] = None
     stopped_servers: list[dict] = field(default_factory=list)
 
     @property
@@ -246,10 +222,9 @@ def run_tutorial(
     profile: str = "tiny",
     out_dir: str | Path = "build",
     only: Optional[list[str]] = None,
-    build_site: bool = True,
     progress: Optional[Callable] = None,
 ) -> TutorialResult:
-    """Run every notebook in order (or `only` those), then build the site from the executed copies.
+    """Run every notebook in order (or `only` those) into OUT/notebooks.
 
     `progress(name, index, total, seconds_or_None)` is called before and after each notebook.
     Servers the notebooks left running for the profile are stopped at the end, failed or not.
@@ -276,12 +251,6 @@ def run_tutorial(
                 progress(name, i, len(names), run.seconds)
     finally:
         result.stopped_servers = stop_profile_servers(profile)
-    if build_site:
-        from ktutorial.docs import build_site as _build
-
-        start = time.perf_counter()
-        result.site_dir = _build(out)
-        result.site_seconds = time.perf_counter() - start
     return result
 
 

@@ -123,7 +123,7 @@ def test_a_failing_notebook_stops_the_run_naming_cell_and_error(tmp_path, monkey
     nbformat.write(nb, root / "notebooks" / "00_check_and_plan.ipynb")
     monkeypatch.setattr(nbmod, "repo_root", lambda: root)
     with pytest.raises(UserError) as err:
-        nbmod.run_tutorial("tiny", tmp_path / "out", only=["00_check_and_plan"], build_site=False)
+        nbmod.run_tutorial("tiny", tmp_path / "out", only=["00_check_and_plan"])
     message = str(err.value)
     assert "00_check_and_plan failed in code cell 3" in message and "'ratio = 1 / 0'" in message
     assert "ZeroDivisionError" in message and "00_check_and_plan.ipynb" in message
@@ -190,7 +190,12 @@ def tutorial_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("tutorial") / "build"
     result = nbmod.run_tutorial("tiny", out)
     assert [r.name for r in result.runs] == nbmod.NOTEBOOKS
-    assert result.site_dir == (out / "site").resolve()
+    import typer.main
+
+    from ktutorial.cli import app
+    from ktutorial.docs import build_site
+
+    assert build_site(out, typer.main.get_command(app)) == (out / "site").resolve()
     # 02_launch left a server running for the later notebooks; the tutorial stopped it.
     assert [e["engine"] for e in result.stopped_servers] == ["llamacpp"]
     from ktutorial import server
