@@ -733,9 +733,10 @@ def load_sweep(path_or_name: str | Path) -> SweepSpec:
         raise UserError(f"sweep spec {path_or_name} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict) or "profile" not in raw:
         raise UserError(f"sweep spec {path_or_name} needs a `profile:` (tiny, minimax-m2.1 or a profile file)")
-    unknown = set(raw) - {"name", "description", "profile", "serve", "combinations", "bench", "timeout_s", "launch_timeout_s"}
+    known = ("name", "description", "profile", "serve", "combinations", "bench", "timeout_s", "launch_timeout_s")
+    unknown = set(raw) - set(known)
     if unknown:
-        raise UserError(f"sweep spec {path_or_name}: unknown keys {sorted(unknown)}")
+        raise UserError(f"sweep spec {path_or_name}: unknown keys {sorted(unknown)} (known: {', '.join(known)})")
     serve = raw.get("serve") or {}
     if not isinstance(serve, dict):
         raise UserError("sweep spec: `serve:` maps each knob to a list of values")

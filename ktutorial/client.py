@@ -7,7 +7,8 @@ server's reasoning parser that arrives split off (`reasoning_content`; Anthropic
 block) or inline in the text (`<think>...</think>answer`); `split_reasoning` handles both, so
 callers always get `.reasoning` and `.content` apart.
 
-The API key comes from KTUTORIAL_API_KEY or OPENAI_API_KEY (never printed). Clients connect with
+The API key comes from KTUTORIAL_API_KEY (never printed): the local server's own key. OPENAI_API_KEY
+is OpenAI's, and is never sent to a local server or any other --base-url. Clients connect with
 a 3-second timeout and no retries: a dead server fails in seconds, not minutes.
 """
 
@@ -35,8 +36,9 @@ Messages = Union[str, list[dict]]
 
 
 def api_key() -> str:
-    """The key sent to the server: KTUTORIAL_API_KEY, else OPENAI_API_KEY, else a placeholder."""
-    return os.environ.get("KTUTORIAL_API_KEY") or os.environ.get("OPENAI_API_KEY") or NO_KEY
+    """The key sent to the server: KTUTORIAL_API_KEY, else a placeholder. Not OPENAI_API_KEY: that
+    key belongs to OpenAI's service, and these clients talk to whatever --base-url names."""
+    return os.environ.get("KTUTORIAL_API_KEY") or NO_KEY
 
 
 def api_key_status() -> str:

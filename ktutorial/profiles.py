@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ktutorial.errors import UserError
 
@@ -25,7 +25,7 @@ class BenchDefaults(BaseModel):
 
 
 class Profile(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     name: str
     description: str = ""
@@ -69,5 +69,15 @@ def load_profile(name_or_path: str) -> Profile:
         text = (resources.files("ktutorial") / "data" / "profiles" / f"{name_or_path}.yaml").read_text()
     try:
         return Profile.model_validate(yaml.safe_load(text))
-    except Exception as exc:  # pydantic's message names the bad field
-        raise UserError(f"profile {name_or_path!r} is malformed: {exc}") from exc
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                model = BenchDefaults if err["loc"][0] == "bench" else Profile
+                problems.append(f"unknown key {where!r} (known: {', '.join(model.model_fields)})")
+            else:
+                problems.append(f"{where}: {err['msg']}")
+        raise UserError(f"profile {name_or_path!r} is malformed: " + "; ".join(problems)) from exc
+    except yaml.YAMLError as exc:
+        raise UserError(f"profile {name_or_path!r} is not valid YAML: {exc}") from exc

@@ -218,8 +218,10 @@ def test_api_key_comes_from_the_environment_and_is_never_printed(srv, monkeypatc
         assert tiny.ANSWER_TEXT["plain"] in out.stdout
     assert secret not in srv.log_path.read_text()
     monkeypatch.delenv("KTUTORIAL_API_KEY")
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    assert client.api_key_status() == "missing"
+    # OpenAI's own key is for OpenAI: never sent to a local server or another --base-url
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai-" + secret)
+    assert client.api_key() == client.NO_KEY and client.api_key_status() == "missing"
+    assert "sk-openai-" not in str(client.openai_client(srv.base_url).api_key)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -91,3 +91,18 @@ def test_gpu_sweeps_plan_their_combinations(name, combos, tmp_path):
 
 def test_gpu_host_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "results" / "gpu-host.sh")], check=True)
+
+
+def test_a_typo_in_a_profile_or_sweep_file_names_the_key_and_the_valid_ones(tmp_path):
+    text = (ROOT / "ktutorial" / "data" / "profiles" / "tiny.yaml").read_text()
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(text.replace("served_model_name:", "served_model_nam:"))
+    with pytest.raises(UserError, match=r"unknown key 'served_model_nam' \(known: .*served_model_name"):
+        load_profile(str(bad))
+    bad.write_text(text.replace("  output_len: 32", "  output_lenn: 32"))
+    with pytest.raises(UserError, match=r"unknown key 'bench.output_lenn' \(known: input_lens, output_len"):
+        load_profile(str(bad))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("profile: tiny\nserve: {threads: [1]}\nrepeat: 3\n")
+    with pytest.raises(UserError, match=r"unknown keys \['repeat'\] \(known: name, description, profile"):
+        bench.load_sweep(sweep)

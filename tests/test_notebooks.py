@@ -222,6 +222,36 @@ def test_executed_notebook_has_no_errors_a_chart_and_the_stamp(tutorial_build, n
     assert str(Path.home()) + "/" not in text and str(REPO) not in text, f"{name}: a machine path in the outputs"
 
 
+# What each notebook must show on the tiny profile: a helper that degraded to an empty or
+# fallback output (a skipped parser check, a missing Claude Code CLI, a sweep that measured
+# nothing) fails here, not only a cell that raised.
+MUST_SHOW = {
+    "00_check_and_plan": ["fits"],
+    "01_download": ["9 of 9 files already here", "| ok | yes |"],
+    "02_launch": ["refused before launch", "sglang-kt's own parser", "accepted the command"],
+    "03_requests": ["Hello from the ktutorial tiny model.", "Done: the command ran and printed its output."],
+    "04_tuning_sweeps": [" 0 failed combination(s)."],
+    "05_claude_code": ["12 of 12 parts work", "its answer", "Done: the command ran"],
+    "06_llamacpp_comparison": ["Measured here", "3/3"],
+    "07_inside_kt": ["32/32"],
+}
+MUST_NOT_SHOW = ["is not installed here", "No sweep records"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", nbmod.NOTEBOOKS)
+def test_executed_notebook_shows_what_it_is_for(tutorial_build, name):
+    nb = json.loads((tutorial_build / "notebooks" / f"{name}.ipynb").read_text())
+    shown = ""
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            shown += "".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/markdown", ""))
+    for needle in MUST_SHOW[name]:
+        assert needle in shown, f"{name} does not show {needle!r}"
+    for needle in MUST_NOT_SHOW:
+        assert needle not in shown, f"{name} fell back: {needle!r}"
+
+
 @pytest.mark.slow
 def test_tutorial_wrote_records_and_figures(tutorial_build):
     from ktutorial import results

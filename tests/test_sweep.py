@@ -128,3 +128,16 @@ def test_shipped_specs_load_and_plan():
                                m21.plan()[0]) == {"overrides": {"--kt-num-gpu-experts": 8, "--chunked-prefill-size": 8192}}
     # the combination key is stable: the same spec and combination give the same key
     assert bench.combination_key(tiny, {"threads": 1}) == bench.combination_key(bench.load_sweep("tiny"), {"threads": 1})
+
+
+def test_a_sweep_that_measured_nothing_fails_the_notebook_naming_the_diagnoses():
+    """04_tuning_sweeps ends with nb.sweep_observations: a sweep whose every combination failed
+    must stop the tutorial run, not render an empty observation."""
+    from ktutorial import notebooks as nb
+
+    failure = results.make_record("sweep_failure", {"combination_key": "k1", "sweep": "tiny"},
+                                  {"error": "ServerStartError: died", "diagnosis": "port in use: pick another"})
+    with pytest.raises(UserError, match=r"the sweep measured nothing: 1 combination\(s\) failed \(port in use"):
+        nb.sweep_observations([failure])
+    with pytest.raises(UserError, match="no records were written"):
+        nb.sweep_observations([])
