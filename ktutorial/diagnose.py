@@ -372,7 +372,7 @@ _CATALOG: tuple[Pattern, ...] = (
         ),
         fix="free 4 GB in one of them, or point SGL_KERNEL_KT_CACHE_DIR at a writable folder with 4 GB free.",
         regex=r"No writable sgl-kernel-kt payload cache",
-        example="OSError: No writable sgl-kernel-kt payload cache: /root/.cache/sgl-kernel-kt/0.3.21.post2/"
+        example="OSError: No writable sgl-kernel-kt payload cache: ~/.cache/sgl-kernel-kt/0.3.21.post2/"
         "8f0b5d761342374e: insufficient free space",
     ),
     Pattern(
