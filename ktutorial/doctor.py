@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from ktutorial import hardware as hw_mod
 from ktutorial.diagnose import GPU_INSTALL, diagnose
+from ktutorial.engines import sglang_kt
 from ktutorial.errors import UserError
 from ktutorial.plan import Goals, Plan, PlanError, make_plan
 from ktutorial.spec import ModelSpec, SpecError, known_model, known_models
@@ -568,8 +569,6 @@ def plan_for(
     else:
         machine = hw_mod.detect(disk_path=model_dir or os.path.expanduser("~/models"))
     overrides = parse_sets(sets)
-    from ktutorial.engines import sglang_kt
-
     sglang_kt.check_overrides(overrides)
     goals = Goals(
         context_tokens=context_tokens, tp=tp, kv_dtype=kv_dtype,

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
+from ktutorial.engines import sglang_kt
 from ktutorial.errors import UserError
 from ktutorial.hardware import GB, GIB, Hardware
 from ktutorial.spec import BF16_BYTES, ModelSpec, known_model, known_models
@@ -75,25 +76,13 @@ KV_DTYPES = {  # goal or flag value -> (flag value, spec dtype)
     "fp8_e5m2": ("fp8_e5m2", "fp8_e5m2"),
 }
 
-# Flags whose values change the memory arithmetic: an override of one of these re-plans.
-MEMORY_FLAGS = (
-    "tensor-parallel-size", "kt-num-gpu-experts", "max-total-tokens", "chunked-prefill-size",
-    "kt-gpu-prefill-token-threshold", "mem-fraction-static", "kv-cache-dtype", "max-running-requests",
-)
-# Value types of the flags the planner computes, for coercing `--set flag=value` strings.
-_FLAG_TYPES: dict[str, type] = {
-    "tensor-parallel-size": int, "kt-num-gpu-experts": int, "max-total-tokens": int,
-    "chunked-prefill-size": int, "kt-gpu-prefill-token-threshold": int, "mem-fraction-static": float,
-    "max-running-requests": int, "kt-cpuinfer": int, "kt-threadpool-count": int,
-    "watchdog-timeout": float, "kt-gpu-experts-ratio": float, "kt-max-deferred-experts-per-token": int,
-}
-_BOOL_FLAGS = ("trust-remote-code", "disable-shared-experts-fusion", "kt-enable-dynamic-expert-update",
-               "enable-metrics", "disable-radix-cache", "disable-cuda-graph", "enable-mixed-chunk")
-_FLAG_ALIASES = {"tp": "tensor-parallel-size", "tp-size": "tensor-parallel-size", "model": "model-path"}
+# `--set` overrides are named, typed and bounded by the one flag registry, sglang_kt.FLAGS (its
+# `memory=True` flags re-plan); the planner adds no second copy of it.
 
 
 class PlanError(UserError):
-    """Goals or overrides the planner cannot work with (a zero context, a non-number)."""
+    """Goals the planner cannot work with (a zero context, an unknown KV dtype); a bad override is
+    refused earlier by sglang_kt.coerce_overrides, as a SettingsError."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +129,10 @@ class Plan:
         lines += [f"  - {r}" for r in self.reasons]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def replan(self, overrides: dict[str, Any]) -> Plan:
+        """This plan with more overrides (what render_command calls for a memory flag)."""
+        return replan(self, overrides)
 
     def values(self) -> dict[str, Any]:
         """flag -> value, in launch order."""
@@ -245,41 +238,6 @@ def kt_host_buffer_bytes(spec: ModelSpec, chunk: int) -> float:
 # ---- the planner --------------------------------------------------------------------------------
 
 
-def _normalize_overrides(overrides: Optional[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for raw, value in (overrides or {}).items():
-        flag = str(raw).strip().lstrip("-").replace("_", "-")
-        if not flag:
-            raise PlanError(f"empty flag name in override {raw!r}={value!r}")
-        flag = _FLAG_ALIASES.get(flag, flag)
-        out[flag] = _coerce(flag, value)
-    return out
-
-
-def _coerce(flag: str, value: Any) -> Any:
-    if flag in _BOOL_FLAGS:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on", ""):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise PlanError(f"--set {flag}={value!r}: a switch takes true or false")
-    kind = _FLAG_TYPES.get(flag)
-    if kind is None or isinstance(value, kind) and not isinstance(value, bool):
-        return value
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise PlanError(f"--set {flag}={value!r}: {flag} takes a {'whole number' if kind is int else 'number'}") from None
-    if kind is int:
-        if number != int(number):
-            raise PlanError(f"--set {flag}={value!r}: {flag} takes a whole number")
-        return int(number)
-    return number
-
-
 def _default_paths(spec: ModelSpec) -> tuple[str, str]:
     """(model folder, served name) for a known model; the spec's name otherwise."""
     if spec.name in known_models():
@@ -313,7 +271,7 @@ def make_plan(spec: ModelSpec, hardware: Hardware, goals: Optional[Goals] = None
     goals = goals or Goals()
     if isinstance(goals, dict):
         goals = Goals(**goals)
-    ov = _normalize_overrides(goals.overrides)
+    ov = sglang_kt.coerce_overrides(goals.overrides)  # names, types, choices and bounds
     hw = hardware
     failures: list[str] = []
     passes: list[str] = []
@@ -335,14 +293,6 @@ def make_plan(spec: ModelSpec, hardware: Hardware, goals: Optional[Goals] = None
         v = getattr(goals, name)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise PlanError(f"{name.replace('_', '-')} must be a whole number above zero, got {v!r}")
-    for flag in ("tensor-parallel-size", "kt-num-gpu-experts", "max-total-tokens", "chunked-prefill-size",
-                 "kt-gpu-prefill-token-threshold", "max-running-requests", "kt-cpuinfer",
-                 "kt-threadpool-count"):
-        if flag in ov and isinstance(ov[flag], (int, float)) and ov[flag] < (0 if flag in (
-                "kt-num-gpu-experts", "kt-gpu-prefill-token-threshold") else 1):
-            raise PlanError(f"--set {flag}={ov[flag]}: must be {'zero or more' if flag in ('kt-num-gpu-experts', 'kt-gpu-prefill-token-threshold') else 'at least 1'}")
-    if "mem-fraction-static" in ov and not 0 < ov["mem-fraction-static"] < 1:
-        raise PlanError(f"--set mem-fraction-static={ov['mem-fraction-static']}: must be between 0 and 1")
 
     kv_key = str(ov.get("kv-cache-dtype", goals.kv_dtype)).lower()
     if kv_key not in KV_DTYPES:

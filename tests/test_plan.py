@@ -191,8 +191,8 @@ def test_context_longer_than_the_model():
     (Goals(context_tokens=-5), "context-tokens"),
     (Goals(kv_dtype="int4"), "KV cache dtype"),
     (Goals(overrides={"kt-num-gpu-experts": "forty"}), "whole number"),
-    (Goals(overrides={"kt-num-gpu-experts": -1}), "zero or more"),
-    (Goals(overrides={"mem-fraction-static": 1.5}), "between 0 and 1"),
+    (Goals(overrides={"kt-num-gpu-experts": -1}), "--kt-num-gpu-experts -1: must be at least 0"),
+    (Goals(overrides={"mem-fraction-static": 1.5}), "--mem-fraction-static 1.5: must be less than 1"),
     (Goals(overrides={"chunked-prefill-size": 0}), "at least 1"),
 ])
 def test_bad_goals(goals, words):

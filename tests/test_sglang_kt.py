@@ -151,6 +151,35 @@ def test_schema_covers_every_flag_the_planner_emits():
     assert all(row["why"] for row in sglang_kt.settings_schema())
 
 
+def test_one_registry_types_every_override():
+    assert sglang_kt.coerce_value("--tp", "2") == 2
+    assert sglang_kt.coerce_value("mem_fraction_static", "0.8") == 0.8
+    assert sglang_kt.coerce_value("disable-cuda-graph", "") is True
+    assert sglang_kt.coerce_value("kt-numa-nodes", "0,1") == [0, 1]
+    assert sglang_kt.coerce_overrides({"tp-size": "2", "--port": "30000"}) == {"tensor-parallel-size": 2,
+                                                                                "port": 30000}
+    assert set(sglang_kt.MEMORY_FLAGS) == {n for n, f in sglang_kt.FLAGS.items() if f.memory}
+    assert "kt-num-gpu-experts" in sglang_kt.MEMORY_FLAGS and "port" not in sglang_kt.MEMORY_FLAGS
+    for gone in ("_FLAG_TYPES", "_BOOL_FLAGS", "_FLAG_ALIASES", "_coerce", "_normalize_overrides", "MEMORY_FLAGS"):
+        assert not hasattr(planning, gone), gone  # the planner keeps no second registry
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"kt-num-gpu-experts": "forty"}, "--kt-num-gpu-experts 'forty': takes a whole number"),
+    ({"kt-method": "fp8"}, "upper case: --kt-method FP8"),
+    ({"kv-cache-dtype": "fp4"}, "--kv-cache-dtype 'fp4': use one of auto, bf16"),
+    ({"kt-num-gpu-expert": 40}, "--kt-num-gpu-expert: not a flag ktutorial emits"),
+    ({"port": None}, "--port: no value"),
+    ({"--": 1}, "empty flag name"),
+])
+def test_make_plan_refuses_a_bad_override_with_the_flag_and_the_fix(overrides, words):
+    with pytest.raises(sglang_kt.SettingsError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        make_plan(SPEC, Hardware.described(gpu="RTX 5090:32", gpus=2, cpu_cores=64, logical_cpus=128,
+                                           numa_nodes=2, ram_gb=1024), Goals(overrides=overrides))
+    with pytest.raises(sglang_kt.SettingsError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        sglang_kt.check_overrides(overrides)
+
+
 # ---- sglang-kt's real parser ------------------------------------------------------------------------
 
 

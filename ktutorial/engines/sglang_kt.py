@@ -5,6 +5,8 @@ sglang-kt's own parser does not make.
 `render_env(plan)` the environment it needs; `validate(...)` refuses, before launch, what the
 parser accepts but what fails minutes later (a lowercase `--kt-method`, no GPU-expert count, a
 served name with ':'); `settings_schema()` lists every flag ktutorial can emit, with its reason.
+FLAGS is the one flag registry: `coerce_overrides(...)` / `coerce_value(name, value)` name, type
+and bound `--set` values for the planner too, and `memory=True` marks the flags that re-plan.
 `check_with_real_parser(...)` runs sglang-kt's own `ServerArgs.add_cli_args` parser (installed by
 `make sglang-parser-env` in a venv of its own) over rendered commands.
 
@@ -46,6 +48,7 @@ class Flag:
     maximum: Optional[float] = None
     exclusive_min: bool = False
     exclusive_max: bool = False
+    memory: bool = False  # the value enters the planner's memory arithmetic: an override re-plans
 
 
 # Every flag ktutorial can emit. Choices are the subset of sglang-kt's that make sense for
@@ -54,7 +57,8 @@ FLAGS: dict[str, Flag] = {
     "model-path": Flag("str", "the checkpoint folder: config.json, safetensors shards, tokenizer"),
     "served-model-name": Flag("str", "the `model` clients send; no ':' (read as name:revision)"),
     "trust-remote-code": Flag("bool", "the hub repo ships MiniMax's own configuration code"),
-    "tensor-parallel-size": Flag("int", "GPUs that split attention, KV cache and GPU experts", minimum=1),
+    "tensor-parallel-size": Flag("int", "GPUs that split attention, KV cache and GPU experts", minimum=1,
+                                 memory=True),
     "kt-method": Flag("str", "kt-kernel's expert format: FP8 reads M2.1's block-FP8 checkpoint as is",
                       choices=KT_METHODS),
     "kt-weight-path": Flag("str", "where kt-kernel reads CPU experts: for FP8, the checkpoint folder"),
@@ -63,24 +67,24 @@ FLAGS: dict[str, Flag] = {
     "kt-threadpool-count": Flag("int", "thread pools, one per NUMA node (sglang-kt's default is 2)", minimum=1),
     "kt-numa-nodes": Flag("int_list", "the NUMA node of each pool, when nodes are not numbered 0..N-1"),
     "kt-num-gpu-experts": Flag("int", "experts per layer kept on the GPU; without it or a ratio KT is off",
-                               minimum=0),
+                               minimum=0, memory=True),
     "kt-gpu-experts-ratio": Flag("float", "share of all experts kept on the GPU (instead of a count)",
                                  minimum=0, maximum=1),
     "kt-max-deferred-experts-per-token": Flag("int", "experts whose CPU result may arrive one layer late",
                                               minimum=0),
     "kt-gpu-prefill-token-threshold": Flag("int", "prefill chunks this long run the MoE on the GPU layer "
-                                                  "by layer", minimum=0),
+                                                  "by layer", minimum=0, memory=True),
     "kt-enable-dynamic-expert-update": Flag("bool", "the GPU expert set follows the experts routed to"),
     "chunked-prefill-size": Flag("int", "tokens per prefill forward pass; kt-kernel sizes its buffers by it",
-                                 minimum=1),
+                                 minimum=1, memory=True),
     "max-prefill-tokens": Flag("int", "tokens one prefill batch may hold", minimum=1),
-    "max-total-tokens": Flag("int", "cap on the KV pool, in tokens", minimum=1),
+    "max-total-tokens": Flag("int", "cap on the KV pool, in tokens", minimum=1, memory=True),
     "context-length": Flag("int", "longest request accepted, in tokens", minimum=1),
     "kv-cache-dtype": Flag("str", "KV cache precision: bf16, or FP8 for half the bytes",
-                           choices=("auto", "bf16", "bfloat16", "fp8_e4m3", "fp8_e5m2")),
+                           choices=("auto", "bf16", "bfloat16", "fp8_e4m3", "fp8_e5m2"), memory=True),
     "mem-fraction-static": Flag("float", "share of GPU memory for weights and the KV pool", minimum=0,
-                                maximum=1, exclusive_min=True, exclusive_max=True),
-    "max-running-requests": Flag("int", "requests decoded together", minimum=1),
+                                maximum=1, exclusive_min=True, exclusive_max=True, memory=True),
+    "max-running-requests": Flag("int", "requests decoded together", minimum=1, memory=True),
     "attention-backend": Flag("str", "attention kernels; FlashInfer covers sm80 to sm120",
                               choices=("flashinfer", "triton", "fa3", "fa4", "torch_native", "flex_attention",
                                        "trtllm_mha")),
@@ -114,6 +118,8 @@ FLAGS: dict[str, Flag] = {
     "enable-mixed-chunk": Flag("bool", "decode and prefill in the same batch"),
 }
 _ALIASES = {"model": "model-path", "tp-size": "tensor-parallel-size", "tp": "tensor-parallel-size"}
+# Flags whose override re-plans (render_command, plan.make_plan): derived, so it cannot drift from FLAGS.
+MEMORY_FLAGS = tuple(name for name, f in FLAGS.items() if f.memory)
 
 # The environment sglang-kt runs with, and why.
 ENV: dict[str, tuple[str, str]] = {
@@ -201,6 +207,48 @@ def _coerce(name: str, flag: Flag, value: Any, problems: list[str]) -> Any:
     return text
 
 
+def _unknown(name: str) -> str:
+    return f"--{name}: not a flag ktutorial emits or checks; known flags: {', '.join(FLAGS)}"
+
+
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        raise SettingsError("sglang-kt launch settings refused:\n  - " + "\n  - ".join(problems))
+
+
+def _coerce_overrides(overrides: Optional[dict[str, Any]], problems: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for raw, value in (overrides or {}).items():
+        name = _flag_name(raw)
+        flag = FLAGS.get(name)
+        if not name:
+            problems.append(f"empty flag name in {raw!r}={value!r}: write FLAG=VALUE, e.g. kt-num-gpu-experts=40")
+        elif flag is None:
+            problems.append(_unknown(name))
+        elif value is None:
+            problems.append(f"--{name}: no value; give one (FLAG=VALUE, e.g. {name}=...)")
+        else:
+            coerced = _coerce(name, flag, value, problems)
+            if coerced is not None:
+                out[name] = coerced
+    return out
+
+
+def coerce_overrides(overrides: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """`--set` flag -> value (strings or typed; "--tp" or "tp_size" spellings) to canonical flag
+    names and typed values checked against FLAGS (type, choices, bounds); SettingsError names
+    every bad one and its fix."""
+    problems: list[str] = []
+    out = _coerce_overrides(overrides, problems)
+    _refuse(problems)
+    return out
+
+
+def coerce_value(name: str, value: Any) -> Any:
+    """One flag's value, typed and checked against FLAGS, or SettingsError with the flag and the fix."""
+    return coerce_overrides({name: value})[_flag_name(name)]
+
+
 def validate_settings(settings: dict[str, Any], spec: Any = None) -> dict[str, Any]:
     """Check flag -> value settings; return them with typed values, or raise SettingsError
     naming every problem and its fix."""
@@ -210,8 +258,7 @@ def validate_settings(settings: dict[str, Any], spec: Any = None) -> dict[str, A
         name = _flag_name(raw)
         flag = FLAGS.get(name)
         if flag is None:
-            problems.append(f"--{name}: not a flag ktutorial emits or checks; known flags: "
-                            f"{', '.join(FLAGS)}")
+            problems.append(_unknown(name))
             continue
         if value is None:
             continue
@@ -253,26 +300,21 @@ def validate_settings(settings: dict[str, Any], spec: Any = None) -> dict[str, A
                 and out.get("kt-weight-path") == out.get("model-path")):
             problems.append(f"--kt-method {method} with --kt-weight-path on the FP8 checkpoint itself: "
                             "kt-kernel would look for converted weights; use --kt-method FP8")
-    if problems:
-        raise SettingsError("sglang-kt launch settings refused:\n  - " + "\n  - ".join(problems))
+    _refuse(problems)
     return out
 
 
-def check_overrides(overrides: dict[str, Any]) -> None:
+def check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """Names, types and allowed values of `--set` flags on their own (a typo is refused before
-    planning, whatever the verdict)."""
+    planning, whatever the verdict); returns them coerced, as coerce_overrides does."""
     problems: list[str] = []
-    for raw, value in overrides.items():
-        name = _flag_name(raw)
-        flag = FLAGS.get(name)
-        if flag is None:
-            problems.append(f"--{name}: not a flag ktutorial emits or checks; known flags: {', '.join(FLAGS)}")
-        else:
-            _coerce(name, flag, value, problems)
-            if name == "served-model-name" and ":" in str(value):
-                problems.append(f"--served-model-name {value!r}: contains ':', which sglang reads as name:revision")
-    if problems:
-        raise SettingsError("sglang-kt launch settings refused:\n  - " + "\n  - ".join(problems))
+    out = _coerce_overrides(overrides, problems)
+    served = out.get("served-model-name")
+    if isinstance(served, str) and ":" in served:
+        problems.append(f"--served-model-name {served!r}: contains ':', which sglang reads as name:revision; "
+                        f"use {served.replace(':', '-')!r}")
+    _refuse(problems)
+    return out
 
 
 def parse_command(command: Sequence[str]) -> dict[str, Any]:
@@ -340,12 +382,10 @@ def render_command(plan: Any, overrides: Optional[dict[str, Any]] = None, *, pyt
     refused with its numbers. `python` defaults to this interpreter; `expand_paths` turns a
     leading "~" into the home folder (for launching; leave it off for display).
     """
-    from ktutorial import plan as planning
-
     overrides = {_flag_name(k): v for k, v in (overrides or {}).items()}
-    memory = {k: v for k, v in overrides.items() if k in planning.MEMORY_FLAGS}
+    memory = {k: v for k, v in overrides.items() if k in MEMORY_FLAGS}
     if memory:
-        plan = planning.replan(plan, memory)
+        plan = plan.replan(memory)  # Plan's own method: this module does not import the planner
         if not plan.fits:
             raise SettingsError("the overrides do not fit: " + "; ".join(plan.reasons))
     values = {k: s.value for k, s in plan.settings.items()}
