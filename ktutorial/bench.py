@@ -25,14 +25,16 @@ import itertools
 import json
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 from urllib.parse import urlparse
 
 import httpx
 
 from ktutorial import results
+from ktutorial.engines.adapters import adapter_for, detect_engine  # noqa: F401  (bench.detect_engine: notebooks)
+from ktutorial.engines.http import EngineAPI, RequestTiming, served_model
 from ktutorial.errors import UserError
 
 # Filler for prompts: ordinary prose, so a real tokenizer splits it as it would a real prompt.
@@ -47,262 +49,6 @@ CACHE_DEFEAT = {
     "llamacpp": "unique head + cache_prompt=false",
     "sglang-kt": "unique head + /flush_cache",
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# talking to the server
-
-
-@dataclass
-class RequestTiming:
-    """What one streamed request showed the client, and what the server said about it."""
-
-    ttft_s: float
-    e2e_s: float
-    output_tokens: int
-    token_times_s: list[float]
-    server: dict[str, Any] = field(default_factory=dict)
-
-
-class _Engine:
-    name = "?"
-    route = "?"
-
-    def __init__(self, base_url: str, client: httpx.Client):
-        self.base_url = base_url.rstrip("/")
-        self.http = client
-
-    def _post(self, path: str, body: dict, timeout: float = 60) -> dict:
-        for attempt in range(2):
-            try:
-                r = self.http.post(self.base_url + path, json=body, timeout=timeout)
-                break
-            except httpx.RemoteProtocolError:
-                # llama.cpp may close a kept-alive connection after a stream; the pool finds
-                # out only on reuse. These routes are idempotent: once more, on a new connection.
-                if attempt:
-                    raise UserError(f"the server at {self.base_url} dropped {path} twice") from None
-            except httpx.HTTPError as exc:
-                raise UserError(f"the server at {self.base_url} did not answer {path}: {exc}") from exc
-        if r.status_code != 200:
-            raise UserError(f"{path} on {self.base_url} answered HTTP {r.status_code}: {r.text[:300]}")
-        return r.json()
-
-    def tokenize(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def context_tokens(self) -> Optional[int]:
-        return None
-
-    def before_request(self) -> None:
-        """Defeat the prefix cache where the server needs telling."""
-
-    def stream(self, ids: list[int], output_len: int, timeout_s: float) -> RequestTiming:
-        raise NotImplementedError
-
-    def describe(self) -> dict[str, Any]:
-        return {}
-
-    def _sse(self, path: str, body: dict, timeout_s: float) -> Iterator[tuple[float, dict]]:
-        """(seconds since the request was sent, chunk) for each `data:` line of an SSE reply."""
-        t0 = time.perf_counter()
-        timeout = httpx.Timeout(timeout_s, connect=10)
-        try:
-            # A connection of its own, closed after: no stale kept-alive socket, nothing queued.
-            headers = {"Connection": "close"}
-            with self.http.stream("POST", self.base_url + path, json=body, timeout=timeout, headers=headers) as r:
-                if r.status_code != 200:
-                    r.read()
-                    raise UserError(f"{path} on {self.base_url} answered HTTP {r.status_code}: {r.text[:300]}")
-                for line in r.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        return
-                    chunk = json.loads(data)
-                    if isinstance(chunk, dict) and chunk.get("error"):
-                        raise UserError(f"the server failed the request: {chunk['error']}")
-                    yield time.perf_counter() - t0, chunk
-        except httpx.TimeoutException as exc:
-            raise TimeoutError(f"no reply from {self.base_url}{path} within {timeout_s:.0f} s") from exc
-        except httpx.HTTPError as exc:
-            raise UserError(f"the request to {self.base_url}{path} failed: {exc}") from exc
-
-
-class LlamaCpp(_Engine):
-    """llama.cpp's own server routes: /tokenize and the native streamed /completion."""
-
-    name = "llamacpp"
-    route = "/completion"
-
-    def __init__(self, base_url, client):
-        super().__init__(base_url, client)
-        self._props: Optional[dict] = None
-
-    def props(self) -> dict:
-        if self._props is None:
-            r = self.http.get(self.base_url + "/props", timeout=30)
-            self._props = r.json() if r.status_code == 200 else {}
-        return self._props
-
-    def tokenize(self, text):
-        # add_special false: the ids are sent as the prompt, and llama.cpp adds nothing to ids.
-        return list(self._post("/tokenize", {"content": text, "add_special": False})["tokens"])
-
-    def context_tokens(self):
-        return (self.props().get("default_generation_settings") or {}).get("n_ctx")
-
-    def describe(self):
-        props = self.props()
-        model = str(props.get("model_path") or "")
-        return {
-            "server_build": props.get("build_info"),
-            "server_slots": props.get("total_slots"),
-            "server_ctx_tokens": self.context_tokens(),
-            "server_model_file": model.rsplit("/", 1)[-1] or None,  # the file name, not its path
-        }
-
-    def stream(self, ids, output_len, timeout_s):
-        body = {
-            "prompt": ids,
-            "n_predict": output_len,
-            "ignore_eos": True,
-            "cache_prompt": False,
-            "temperature": 0,
-            "stream": True,
-            "return_tokens": True,
-        }
-        times: list[float] = []
-        last = None
-        final: dict = {}
-        for t, chunk in self._sse("/completion", body, timeout_s):
-            last = t
-            # tokens_predicted is cumulative; the per-chunk `tokens` list is not a count: llama.cpp
-            # holds back a chunk that ends inside a UTF-8 character and sends it with the next.
-            done = chunk.get("tokens_predicted")
-            if done is None:
-                done = len(times) + len(chunk.get("tokens") or [])
-            times.extend([t] * max(0, int(done) - len(times)))
-            if chunk.get("stop"):
-                final = chunk
-        if not times or last is None:
-            raise UserError(f"{self.base_url}/completion streamed no tokens")
-        timings = final.get("timings") or {}
-        server: dict[str, Any] = {
-            "prompt_tokens": (timings.get("prompt_n") or 0) + (timings.get("cache_n") or 0) if timings else None,
-            "cached_tokens": timings.get("cache_n"),
-            "evaluated_tokens": timings.get("prompt_n"),
-            "output_tokens": final.get("tokens_predicted"),
-        }
-        if timings:
-            prompt_ms, predicted_ms, predicted_n = (
-                timings.get("prompt_ms"), timings.get("predicted_ms"), timings.get("predicted_n")
-            )
-            server["prompt_ms"] = prompt_ms
-            server["predicted_ms"] = predicted_ms
-            # llama.cpp's own figures, as it prints them:
-            server["prompt_per_second"] = timings.get("prompt_per_second")
-            server["predicted_per_second"] = timings.get("predicted_per_second")
-            # llama.cpp starts its generation clock when the first token is sampled but counts
-            # that token in predicted_n: n / t overstates decode by n/(n-1). Ours is (n-1) / t,
-            # the same definition as the client's.
-            if predicted_ms and predicted_n and predicted_n > 1:
-                server["decode_tok_s"] = (predicted_n - 1) / (predicted_ms / 1000)
-            if prompt_ms:
-                server["prefill_tok_s"] = timings.get("prompt_n", 0) / (prompt_ms / 1000)
-        return RequestTiming(times[0], last, len(times), times, server)
-
-
-class SGLang(_Engine):
-    """SGLang's native routes: /tokenize, /flush_cache and the streamed /generate."""
-
-    name = "sglang-kt"
-    route = "/generate"
-
-    def __init__(self, base_url, client, tokenizer_path: Optional[str] = None):
-        super().__init__(base_url, client)
-        self.tokenizer_path = tokenizer_path
-        self._local_tokenizer = None
-
-    def tokenize(self, text):
-        r = self.http.post(self.base_url + "/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60)
-        if r.status_code == 200 and isinstance(r.json().get("tokens"), list):
-            return list(r.json()["tokens"])
-        # Older SGLang builds lack /tokenize: the model folder's own tokenizer is the same one.
-        if self._local_tokenizer is None:
-            if not self.tokenizer_path:
-                raise UserError(
-                    f"{self.base_url} has no /tokenize route: pass tokenizer_path (the model folder) "
-                    "so prompts can be built with the model's own tokenizer"
-                )
-            from tokenizers import Tokenizer
-
-            self._local_tokenizer = Tokenizer.from_file(str(Path(self.tokenizer_path) / "tokenizer.json"))
-        return self._local_tokenizer.encode(text, add_special_tokens=False).ids
-
-    def context_tokens(self):
-        try:
-            r = self.http.get(self.base_url + "/v1/models", timeout=30)
-            return (r.json().get("data") or [{}])[0].get("max_model_len")
-        except (httpx.HTTPError, ValueError):
-            return None
-
-    def describe(self):
-        info: dict = {}
-        for route in ("/server_info", "/get_server_info"):  # the second is older SGLang's name
-            try:
-                r = self.http.get(self.base_url + route, timeout=30)
-                if r.status_code == 200:
-                    info = r.json()
-                    break
-            except (httpx.HTTPError, ValueError):
-                continue
-        keep = ("version", "chunked_prefill_size", "tp_size", "max_total_tokens", "attention_backend",
-                "mem_fraction_static", "disable_radix_cache", "max_running_requests", "context_length",
-                "reasoning_parser", "tool_call_parser")
-        # every kt_* setting the engine actually runs with (the launch flags are what we asked for)
-        kt = sorted(k for k in info if k.startswith("kt_") and k != "kt_weight_path")
-        out = {f"server_{k}": info.get(k) for k in (*keep, *kt) if k in info}
-        if info.get("model_path"):  # the layer count (the server runs here: its folder is readable)
-            out.update({k: v for k, v in model_identity(info["model_path"]).items() if k == "model_layers"})
-        return out
-
-    def before_request(self):
-        # The flush is refused while requests run; one request at a time means it succeeds,
-        # but a health check may be in flight, so try a few times.
-        for _ in range(10):
-            r = self.http.post(self.base_url + "/flush_cache", timeout=60)
-            if r.status_code == 200:
-                return
-            time.sleep(0.5)
-        raise UserError(f"{self.base_url}/flush_cache kept failing: {r.text[:200]}")
-
-    def stream(self, ids, output_len, timeout_s):
-        body = {
-            "input_ids": ids,
-            "sampling_params": {"max_new_tokens": output_len, "ignore_eos": True, "temperature": 0},
-            "stream": True,
-        }
-        times: list[float] = []
-        last = None
-        meta: dict = {}
-        for t, chunk in self._sse("/generate", body, timeout_s):
-            last = t
-            meta = chunk.get("meta_info") or {}
-            done = meta.get("completion_tokens")
-            if done is None:  # count output ids if meta_info is missing
-                done = len(times) + max(1, len(chunk.get("output_ids") or []))
-            times.extend([t] * max(0, int(done) - len(times)))
-        if not times or last is None:
-            raise UserError(f"{self.base_url}/generate streamed no tokens")
-        server = {
-            "prompt_tokens": meta.get("prompt_tokens"),
-            "cached_tokens": meta.get("cached_tokens"),
-            "output_tokens": meta.get("completion_tokens"),
-            "e2e_s": meta.get("e2e_latency"),
-        }
-        return RequestTiming(times[0], last, len(times), times, server)
 
 
 def reply_check(base_url: str, model: Optional[str], params: dict[str, Any]) -> dict[str, Any]:
@@ -385,33 +131,6 @@ def reply_checks(base_url: str, model: Optional[str], params: Optional[dict[str,
     return out
 
 
-def detect_engine(base_url: str, client: Optional[httpx.Client] = None) -> str:
-    """"llamacpp" or "sglang-kt", from the routes the server answers."""
-    http = client or httpx.Client()
-    base = base_url.rstrip("/")
-    try:
-        r = http.get(base + "/props", timeout=10)
-        if r.status_code == 200 and "default_generation_settings" in r.json():
-            return "llamacpp"
-        r = http.get(base + "/get_model_info", timeout=10)
-        if r.status_code == 200:
-            return "sglang-kt"
-    except (httpx.HTTPError, ValueError) as exc:
-        raise UserError(f"no server answers at {base_url} ({exc}); start one with `ktutorial serve`") from exc
-    finally:
-        if client is None:
-            http.close()
-    raise UserError(f"{base_url} is neither a llama.cpp nor an SGLang server (no /props, no /get_model_info)")
-
-
-def served_model(base_url: str, client: httpx.Client) -> Optional[str]:
-    try:
-        data = client.get(base_url.rstrip("/") + "/v1/models", timeout=10).json().get("data") or []
-        return data[0].get("id") if data else None
-    except (httpx.HTTPError, ValueError, AttributeError):
-        return None
-
-
 # ---------------------------------------------------------------------------------------------
 # prompts
 
@@ -423,7 +142,7 @@ class PromptBuilder:
     from the previous 25 prompts' (a rotating capital letter), then a random nonce.
     """
 
-    def __init__(self, engine: _Engine):
+    def __init__(self, engine: EngineAPI):
         self.engine = engine
         self._body: list[int] = []
         self._firsts: list[int] = []
@@ -460,20 +179,11 @@ class PromptBuilder:
 # measure
 
 
-def _engine_for(base_url: str, engine: Optional[str], client: httpx.Client, tokenizer_path=None) -> _Engine:
-    name = engine or detect_engine(base_url, client)
-    if name == "llamacpp":
-        return LlamaCpp(base_url, client)
-    if name in ("sglang-kt", "sglang"):
-        return SGLang(base_url, client, tokenizer_path=tokenizer_path)
-    raise UserError(f"unknown engine {name!r}: use llamacpp or sglang-kt")
-
-
 def server_settings(base_url: str, engine: Optional[str] = None) -> dict[str, Any]:
     """The engine, and the settings the server reports it runs with (SGLang: its kt_* and parser
     fields from /server_info), for a record's environment."""
     with httpx.Client() as client:
-        api = _engine_for(base_url, engine, client)
+        api = adapter_for(base_url, engine, client)
         return {"engine": api.name, **api.describe()}
 
 
@@ -566,7 +276,7 @@ def measure(
     if not lens or min(lens) < 1:
         raise UserError(f"input lengths must be positive token counts, got {list(input_lens)}")
     with httpx.Client() as client:
-        api = _engine_for(base_url, engine, client, tokenizer_path)
+        api = adapter_for(base_url, engine, client, tokenizer_path)
         model = model or served_model(base_url, client)
         ctx = api.context_tokens()
         if ctx and max(lens) + output_len > ctx:

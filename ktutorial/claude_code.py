@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 import jinja2
 
-from ktutorial import ccproxy, server
+from ktutorial import ccproxy, client, server
 from ktutorial.errors import MissingDependency, UserError
 from ktutorial.shell import command_line
 
@@ -429,15 +429,11 @@ class _Caller:
     """One anthropic client set up the way Claude Code sets up its own."""
 
     def __init__(self, base_url: str, model: str, token: str, timeout_s: float):
-        import anthropic
-
         self.model = model
-        self.client = anthropic.Anthropic(
-            base_url=base_url,
+        self.client = client.anthropic_client(
+            base_url,
+            float(timeout_s),
             auth_token=token,  # sent as `Authorization: Bearer`, like Claude Code
-            api_key=None,
-            max_retries=0,
-            timeout=float(timeout_s),
             # llama.cpp closes the connection right after a streamed reply while announcing
             # keep-alive: a pooled connection reused at that moment fails with "Server disconnected
             # without sending a response". One connection a request avoids the race.

@@ -87,16 +87,20 @@ def openai_client(base_url: str, read_timeout_s: float = READ_TIMEOUT_S):
     )
 
 
-def anthropic_client(base_url: str, read_timeout_s: float = READ_TIMEOUT_S):
+def anthropic_client(base_url: str, read_timeout_s: float = READ_TIMEOUT_S, *, auth_token: Optional[str] = None,
+                     default_headers: Optional[dict[str, str]] = None):
+    """An anthropic SDK client for a local server: `auth_token` (default: the key ktutorial uses)
+    as the bearer token, no retries, `default_headers` added to every request."""
     import anthropic
 
     # auth_token: sent as "Authorization: Bearer", the only form SGLang checks; passing it
     # explicitly also keeps the SDK from picking up a real ANTHROPIC_API_KEY from the environment.
     return anthropic.Anthropic(
         base_url=base_url,
-        auth_token=api_key(),
+        auth_token=auth_token or api_key(),
         timeout=anthropic.Timeout(read_timeout_s, connect=CONNECT_TIMEOUT_S),
         max_retries=0,
+        default_headers=default_headers,
     )
 
 

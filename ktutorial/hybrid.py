@@ -27,7 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import httpx
+
 from ktutorial import fp8, ktkernel
+from ktutorial.engines.llamacpp import LlamaCppAPI
 from ktutorial.errors import UserError
 
 # Decode on a small machine slows ~10x when torch's OpenMP threads spin while kt-kernel's pool
@@ -702,8 +705,9 @@ class LlamaCppRun:
     top_logprobs: list[dict[int, float]]  # teacher-forced, one per reference position
 
 
-def _completion(client, base_url: str, prompt_ids: Sequence[int], n_predict: int, n_probs: int, ignore_eos: bool) -> dict:
-    body = {
+def _completion(api: LlamaCppAPI, prompt_ids: Sequence[int], n_predict: int, n_probs: int, ignore_eos: bool,
+                timeout_s: float) -> dict:
+    return api.complete({
         "prompt": [int(i) for i in prompt_ids],
         "n_predict": n_predict,
         "temperature": 0.0,
@@ -713,11 +717,7 @@ def _completion(client, base_url: str, prompt_ids: Sequence[int], n_predict: int
         "cache_prompt": True,
         "return_tokens": True,
         "seed": 0,
-    }
-    r = client.post(f"{base_url}/completion", json=body)
-    if r.status_code != 200:
-        raise UserError(f"llama.cpp /completion answered {r.status_code}: {r.text[:300]}")
-    return r.json()
+    }, timeout_s=timeout_s)
 
 
 def _step_logprobs(step: dict) -> dict[int, float]:
@@ -742,16 +742,15 @@ def llamacpp_run(
     """llama.cpp's own greedy run (ignore_eos), and its top log-probabilities at each position
     of the reference path (teacher forcing: one single-token request per position, the prompt
     cache makes each one cheap)."""
-    import httpx
-
-    with httpx.Client(timeout=timeout_s) as client:
-        free = _completion(client, base_url, prompt_ids, len(reference_tokens), n_probs, ignore_eos=True)
+    with httpx.Client(timeout=timeout_s) as http:
+        api = LlamaCppAPI(base_url, http)
+        free = _completion(api, prompt_ids, len(reference_tokens), n_probs, True, timeout_s)
         tokens = [int(t) for t in free.get("tokens") or []]
         if not tokens:
             tokens = [int(step["id"]) for step in free.get("completion_probabilities", [])]
         tops = []
         for i in range(len(reference_tokens)):
-            step = _completion(client, base_url, list(prompt_ids) + list(reference_tokens[:i]), 1, n_probs, False)
+            step = _completion(api, list(prompt_ids) + list(reference_tokens[:i]), 1, n_probs, False, timeout_s)
             probs = step.get("completion_probabilities") or []
             if not probs:
                 raise UserError("llama.cpp returned no completion_probabilities: does it support n_probs?")

@@ -12,6 +12,7 @@ import pytest
 
 from ktutorial import bench, results, server
 from ktutorial.cli import main as _main
+from ktutorial.engines import llamacpp
 from ktutorial.errors import UserError
 
 LENS = [64, 256]
@@ -98,7 +99,7 @@ def test_repeated_length_is_not_served_from_the_prefix_cache(measured, tiny_serv
         assert same[1]["metrics"]["ttft_s"] > 0.2 * same[0]["metrics"]["ttft_s"]
 
     # The check can fail: the same prompt twice with the cache on is served from the cache.
-    api = bench.LlamaCpp(tiny_server.base_url, httpx.Client())
+    api = llamacpp.LlamaCppAPI(tiny_server.base_url, httpx.Client())
     ids, _ = bench.PromptBuilder(api).build(128)
     body = {"prompt": ids, "n_predict": 2, "cache_prompt": True, "ignore_eos": True}
     timings = [httpx.post(tiny_server.base_url + "/completion", json=body, timeout=60).json()["timings"] for _ in range(2)]

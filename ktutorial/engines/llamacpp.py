@@ -1,4 +1,4 @@
-"""llama.cpp's HTTP server: the command line ktutorial runs, for xllamacpp or a `llama-server` binary.
+"""llama.cpp's HTTP server: the command line ktutorial runs (xllamacpp or `llama-server`), and its wire.
 
 xllamacpp (a PyPI wheel holding llama.cpp's own server) runs in a child process started with
 `python -m ktutorial.engines.llamacpp ...`, never inside the caller: a malformed GGUF makes
@@ -9,6 +9,9 @@ either engine reads the same.
 The MoE settings for the comparison with KT: `--cpu-moe` keeps every expert tensor of every layer
 in host memory, `--n-cpu-moe N` those of the first N layers; `--override-tensor PATTERN=CPU` is
 the general form both expand to (`exps=CPU` is the common spelling for "all experts on the CPU").
+
+`LlamaCppAPI` speaks the server's own routes (/props, /tokenize, /completion by token ids) for the
+bench and the hybrid study; clients of the OpenAI and Anthropic APIs are in client.py.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+from ktutorial.engines.http import EngineAPI, RequestTiming
 from ktutorial.errors import MissingDependency, UserError
 
 ENGINE = "llamacpp"
@@ -153,6 +157,103 @@ def xllamacpp_version() -> Optional[str]:
         return version("xllamacpp")
     except Exception:
         return None
+
+
+# ---- the wire: llama.cpp's own routes, for the bench and the hybrid study ----------------------
+
+
+class LlamaCppAPI(EngineAPI):
+    """llama.cpp's own server routes: /props, /tokenize and the native streamed /completion."""
+
+    name = ENGINE
+    route = "/completion"
+
+    def __init__(self, base_url, client):
+        super().__init__(base_url, client)
+        self._props: Optional[dict] = None
+
+    @staticmethod
+    def serves(base_url: str, http) -> bool:
+        """Whether `base_url` is a llama.cpp server: its /props carries the generation settings."""
+        r = http.get(base_url.rstrip("/") + "/props", timeout=10)
+        return r.status_code == 200 and "default_generation_settings" in r.json()
+
+    def props(self) -> dict:
+        if self._props is None:
+            r = self.http.get(self.base_url + "/props", timeout=30)
+            self._props = r.json() if r.status_code == 200 else {}
+        return self._props
+
+    def tokenize(self, text):
+        # add_special false: the ids are sent as the prompt, and llama.cpp adds nothing to ids.
+        return list(self._post("/tokenize", {"content": text, "add_special": False})["tokens"])
+
+    def context_tokens(self):
+        return (self.props().get("default_generation_settings") or {}).get("n_ctx")
+
+    def describe(self):
+        props = self.props()
+        model = str(props.get("model_path") or "")
+        return {
+            "server_build": props.get("build_info"),
+            "server_slots": props.get("total_slots"),
+            "server_ctx_tokens": self.context_tokens(),
+            "server_model_file": model.rsplit("/", 1)[-1] or None,  # the file name, not its path
+        }
+
+    def complete(self, body: dict, timeout_s: float = 60) -> dict:
+        """One unstreamed /completion: `body` is llama.cpp's own (prompt, n_predict, n_probs, ...)."""
+        return self._post("/completion", body, timeout=timeout_s)
+
+    def stream(self, ids, output_len, timeout_s):
+        body = {
+            "prompt": ids,
+            "n_predict": output_len,
+            "ignore_eos": True,
+            "cache_prompt": False,
+            "temperature": 0,
+            "stream": True,
+            "return_tokens": True,
+        }
+        times: list[float] = []
+        last = None
+        final: dict = {}
+        for t, chunk in self._sse("/completion", body, timeout_s):
+            last = t
+            # tokens_predicted is cumulative; the per-chunk `tokens` list is not a count: llama.cpp
+            # holds back a chunk that ends inside a UTF-8 character and sends it with the next.
+            done = chunk.get("tokens_predicted")
+            if done is None:
+                done = len(times) + len(chunk.get("tokens") or [])
+            times.extend([t] * max(0, int(done) - len(times)))
+            if chunk.get("stop"):
+                final = chunk
+        if not times or last is None:
+            raise UserError(f"{self.base_url}/completion streamed no tokens")
+        timings = final.get("timings") or {}
+        server: dict[str, Any] = {
+            "prompt_tokens": (timings.get("prompt_n") or 0) + (timings.get("cache_n") or 0) if timings else None,
+            "cached_tokens": timings.get("cache_n"),
+            "evaluated_tokens": timings.get("prompt_n"),
+            "output_tokens": final.get("tokens_predicted"),
+        }
+        if timings:
+            prompt_ms, predicted_ms, predicted_n = (
+                timings.get("prompt_ms"), timings.get("predicted_ms"), timings.get("predicted_n")
+            )
+            server["prompt_ms"] = prompt_ms
+            server["predicted_ms"] = predicted_ms
+            # llama.cpp's own figures, as it prints them:
+            server["prompt_per_second"] = timings.get("prompt_per_second")
+            server["predicted_per_second"] = timings.get("predicted_per_second")
+            # llama.cpp starts its generation clock when the first token is sampled but counts
+            # that token in predicted_n: n / t overstates decode by n/(n-1). Ours is (n-1) / t,
+            # the same definition as the client's.
+            if predicted_ms and predicted_n and predicted_n > 1:
+                server["decode_tok_s"] = (predicted_n - 1) / (predicted_ms / 1000)
+            if prompt_ms:
+                server["prefill_tok_s"] = timings.get("prompt_n", 0) / (prompt_ms / 1000)
+        return RequestTiming(times[0], last, len(times), times, server)
 
 
 # ---- the child process: `python -m ktutorial.engines.llamacpp` ---------------------------------

@@ -20,10 +20,14 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import httpx
+
+from ktutorial.engines.http import EngineAPI, RequestTiming
 from ktutorial.errors import UserError
 from ktutorial.shell import command_line  # noqa: F401  (sglang_kt.command_line: docs.py renders through it)
 
@@ -499,3 +503,108 @@ def check_with_real_parser(commands: Sequence[Sequence[str]], python: Optional[s
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         raise RuntimeError("sglang-kt's parser could not run:\n" + "\n".join(tail))
     return json.loads(lines[-1])
+
+
+# ---- the wire: SGLang's native routes, for the bench ------------------------------------------
+
+
+
+
+class SGLangAPI(EngineAPI):
+    """SGLang's native routes: /tokenize, /server_info, /flush_cache and the streamed /generate."""
+
+    name = "sglang-kt"
+    route = "/generate"
+
+    def __init__(self, base_url, client, tokenizer_path: Optional[str] = None):
+        super().__init__(base_url, client)
+        self.tokenizer_path = tokenizer_path
+        self._local_tokenizer = None
+
+    @staticmethod
+    def serves(base_url: str, http) -> bool:
+        """Whether `base_url` is an SGLang server: it answers /get_model_info."""
+        return http.get(base_url.rstrip("/") + "/get_model_info", timeout=10).status_code == 200
+
+    def tokenize(self, text):
+        r = self.http.post(self.base_url + "/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60)
+        if r.status_code == 200 and isinstance(r.json().get("tokens"), list):
+            return list(r.json()["tokens"])
+        # Older SGLang builds lack /tokenize: the model folder's own tokenizer is the same one.
+        if self._local_tokenizer is None:
+            if not self.tokenizer_path:
+                raise UserError(
+                    f"{self.base_url} has no /tokenize route: pass tokenizer_path (the model folder) "
+                    "so prompts can be built with the model's own tokenizer"
+                )
+            from tokenizers import Tokenizer
+
+            self._local_tokenizer = Tokenizer.from_file(str(Path(self.tokenizer_path) / "tokenizer.json"))
+        return self._local_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def context_tokens(self):
+        try:
+            r = self.http.get(self.base_url + "/v1/models", timeout=30)
+            return (r.json().get("data") or [{}])[0].get("max_model_len")
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def describe(self):
+        info: dict = {}
+        for route in ("/server_info", "/get_server_info"):  # the second is older SGLang's name
+            try:
+                r = self.http.get(self.base_url + route, timeout=30)
+                if r.status_code == 200:
+                    info = r.json()
+                    break
+            except (httpx.HTTPError, ValueError):
+                continue
+        keep = ("version", "chunked_prefill_size", "tp_size", "max_total_tokens", "attention_backend",
+                "mem_fraction_static", "disable_radix_cache", "max_running_requests", "context_length",
+                "reasoning_parser", "tool_call_parser")
+        # every kt_* setting the engine actually runs with (the launch flags are what we asked for)
+        kt = sorted(k for k in info if k.startswith("kt_") and k != "kt_weight_path")
+        out = {f"server_{k}": info.get(k) for k in (*keep, *kt) if k in info}
+        if info.get("model_path"):  # the layer count (the server runs here: its folder is readable)
+            try:
+                cfg = json.loads((Path(info["model_path"]).expanduser() / "config.json").read_text())
+                out["model_layers"] = cfg.get("num_hidden_layers")
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def before_request(self):
+        # The flush is refused while requests run; one request at a time means it succeeds,
+        # but a health check may be in flight, so try a few times.
+        for _ in range(10):
+            r = self.http.post(self.base_url + "/flush_cache", timeout=60)
+            if r.status_code == 200:
+                return
+            time.sleep(0.5)
+        raise UserError(f"{self.base_url}/flush_cache kept failing: {r.text[:200]}")
+
+    def stream(self, ids, output_len, timeout_s):
+        body = {
+            "input_ids": ids,
+            "sampling_params": {"max_new_tokens": output_len, "ignore_eos": True, "temperature": 0},
+            "stream": True,
+        }
+        times: list[float] = []
+        last = None
+        meta: dict = {}
+        for t, chunk in self._sse("/generate", body, timeout_s):
+            last = t
+            meta = chunk.get("meta_info") or {}
+            done = meta.get("completion_tokens")
+            if done is None:  # count output ids if meta_info is missing
+                done = len(times) + max(1, len(chunk.get("output_ids") or []))
+            times.extend([t] * max(0, int(done) - len(times)))
+        if not times or last is None:
+            raise UserError(f"{self.base_url}/generate streamed no tokens")
+        server = {
+            "prompt_tokens": meta.get("prompt_tokens"),
+            "cached_tokens": meta.get("cached_tokens"),
+            "output_tokens": meta.get("completion_tokens"),
+            "e2e_s": meta.get("e2e_latency"),
+        }
+        return RequestTiming(times[0], last, len(times), times, server)
