@@ -405,6 +405,8 @@ class SweepSpec:
         """Every serve combination: the grid's product, then the listed extra combinations."""
         keys = list(self.serve)
         combos = [dict(zip(keys, values)) for values in itertools.product(*(self.serve[k] for k in keys))]
+        if not keys and self.combinations:  # no grid: the listed combinations alone, not also the defaults
+            combos = []
         combos.extend(dict(c) for c in self.combinations)
         unique, seen = [], set()
         for c in combos:
@@ -519,13 +521,24 @@ def _failure_kind(exc: BaseException, stage: str) -> str:
 _NOT_KNOBS = {"profile_or_plan", "port", "dry_run", "plan", "overrides", "ready_timeout_s", "detach", "reuse", "wait"}
 
 
+# A knob of every engine: the checkpoint folder a combination serves (a sweep over depths).
+MODEL_DIR_KNOB = "model_dir"
+
+
+def combination_profile(profile, serve_params: dict[str, Any]):
+    """The profile one combination runs: the sweep's, with its `model_dir` knob applied."""
+    model_dir = serve_params.get(MODEL_DIR_KNOB)
+    return profile if model_dir is None else profile.model_copy(update={"model_dir": str(model_dir)})
+
+
 def serve_options(profile, serve_params: dict[str, Any]) -> dict[str, Any]:
     """serve() keyword arguments for one combination.
 
     llama.cpp knobs are serve()'s own options (threads, ctx_size, cpu_moe, n_cpu_moe, ...);
     SGLang-KT knobs are launch flags (kt-num-gpu-experts, chunked-prefill-size, ...) passed as
-    overrides to the planned command.
+    overrides to the planned command. `model_dir` is neither: combination_profile applies it.
     """
+    serve_params = {k: v for k, v in serve_params.items() if k != MODEL_DIR_KNOB}
     if profile.engine == "sglang-kt":
         flags = {}
         for knob, value in serve_params.items():
@@ -554,7 +567,7 @@ def _start_server(profile, serve_params: dict[str, Any], timeout_s: Optional[flo
     options = serve_options(profile, serve_params)
     if timeout_s is not None:
         options["ready_timeout_s"] = float(timeout_s)
-    return server.serve(profile, **options)
+    return server.serve(combination_profile(profile, serve_params), **options)
 
 
 def _render(profile, serve_params: dict[str, Any]) -> str:
@@ -562,7 +575,8 @@ def _render(profile, serve_params: dict[str, Any]) -> str:
     try:
         from ktutorial import server
 
-        return server.prepare(profile, dry_run=True, **serve_options(profile, serve_params)).shell()
+        return server.prepare(combination_profile(profile, serve_params), dry_run=True,
+                              **serve_options(profile, serve_params)).shell()
     except Exception as exc:  # the plan is still worth printing
         why = str(exc).splitlines()[0]
         return f"(not startable here: {why[:160]}{'…' if len(why) > 160 else ''})"
@@ -641,7 +655,7 @@ def sweep(
                     measure(
                         srv.base_url,
                         model=getattr(srv, "model", None),
-                        model_revision=model_revision_for(profile),
+                        model_revision=model_revision_for(combination_profile(profile, serve_params)),
                         timeout_s=spec.timeout_s,
                         input_lens=bench_args["input_lens"],
                         output_len=int(bench_args["output_len"]),

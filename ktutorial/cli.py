@@ -661,6 +661,7 @@ def kernel_bench_cmd(
     out: str = typer.Option(..., "--out", help="JSONL file the records are appended to."),
     threads: Optional[str] = typer.Option(None, "--threads", help="CPU thread counts, one child process each (default 4,8,12,16; --hybrid: one count, default cores - 2)."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Layers held in RAM, so no cache holds a token's experts (default 4 at m2.1 shape)."),
+    prefill_tokens: Optional[str] = typer.Option(None, "--prefill-tokens", help="Prefill chunk sizes to time (default 128,512,1024,2048,4096 at m2.1 shape)."),
     shape: str = typer.Option("m2.1", "--shape", help="m2.1 (256 experts, 3072 x 1536, top 8) or tiny (a seconds-long check)."),
     llamacpp: bool = typer.Option(False, "--llamacpp", help="The same layer in llama.cpp: a random Q8_0 GGUF, CPU only."),
     hybrid: bool = typer.Option(False, "--hybrid", help="One layer split: N experts on the GPU (torch), the rest on kt-kernel, at once."),
@@ -714,7 +715,8 @@ def kernel_bench_cmd(
     else:
         counts = kb.parse_int_list(threads or "4,8,12,16", "--threads")
         summary = kb.run_kt_kernel(
-            counts, out, shape=shape, layers=layers, decode_calls=repeats or 200, prefill_calls=prefill_repeats or 2, progress=progress
+            counts, out, shape=shape, layers=layers, decode_calls=repeats or 200, prefill_calls=prefill_repeats or 2, progress=progress,
+            prefill_tokens=kb.parse_int_list(prefill_tokens, "--prefill-tokens") if prefill_tokens else None,
         )
         if json_out:
             print_json(summary)

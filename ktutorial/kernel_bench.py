@@ -130,8 +130,9 @@ TINY = LayerShape(
 SHAPE_NAMES = ("m2.1", "tiny")
 
 
-def layer_shape(name: str, layers: Optional[int] = None) -> LayerShape:
-    """The named shape; `layers` overrides how many layers the benchmark holds in RAM."""
+def layer_shape(name: str, layers: Optional[int] = None, prefill_tokens: Optional[Sequence[int]] = None) -> LayerShape:
+    """The named shape; `layers` overrides how many layers the benchmark holds in RAM, and
+    `prefill_tokens` the prefill chunk sizes it times (fewer: a shorter run beside an engine sweep)."""
     if name == "m2.1":
         shape = _m21_shape()
     elif name == "tiny":
@@ -142,6 +143,10 @@ def layer_shape(name: str, layers: Optional[int] = None) -> LayerShape:
         if layers < 1:
             raise UserError(f"--layers must be at least 1, got {layers}")
         shape = LayerShape(**{**asdict(shape), "layers": layers, "llamacpp_layers": layers})
+    if prefill_tokens is not None:
+        if not prefill_tokens or min(prefill_tokens) < 1:
+            raise UserError(f"--prefill-tokens takes positive chunk sizes, got {list(prefill_tokens)}")
+        shape = LayerShape(**{**asdict(shape), "prefill_tokens": tuple(int(t) for t in prefill_tokens)})
     return shape
 
 
@@ -614,6 +619,7 @@ def run_kt_kernel(
     seed: int = 0,
     env_extra: Optional[dict[str, Any]] = None,
     progress: Optional[Callable[[str], None]] = None,
+    prefill_tokens: Optional[Sequence[int]] = None,
 ) -> dict[str, Any]:
     """kt-kernel FP8 MoE at one layer shape, one child process per thread count.
 
@@ -623,7 +629,7 @@ def run_kt_kernel(
     from ktutorial import results
 
     threads = check_threads(threads)
-    sh = layer_shape(shape, layers)
+    sh = layer_shape(shape, layers, prefill_tokens)
     if decode_calls < 1 or prefill_calls < 1:
         raise UserError("--repeats must be at least 1")
     env = results.environment_stamp(engine="kt-kernel", extra=_env_extra(env_extra))

@@ -16,6 +16,11 @@
 #   sweep    `ktutorial sweep tiny-sglang`: GPU experts 0/4/16, prefill threshold below/above the prompt
 #   synth    MiniMax-M2.1's layer shape: `ktutorial synth --layers 2`, kt-kernel alone (kernel-bench at
 #            the profile's --kt-cpuinfer), then `ktutorial sweep minimax-m2.1-synth` (GPU experts 0-256)
+#   perf     MiniMax-M2.1's layer shape at two depths (`synth --layers 2` and `4`): decode through the
+#            engine over --kt-cpuinfer 14/16/12/8 with every expert on the CPU (sweep
+#            minimax-m2.1-synth-depth), prompts of 8192 and 32768 tokens (minimax-m2.1-synth-long), and
+#            kt-kernel alone at the same thread counts (kernel-bench, decode and a 2048-token chunk)
+#            (perf is not in the default list: run it by name)
 #
 # The GPU host's python3 must hold torch with CUDA and sglang-kt. With no network there, the offline
 # bundle of sglang-kt (../shared/sglang-gpu-host) is unpacked first when KTUTORIAL_GPU_BUNDLE names it,
@@ -157,6 +162,31 @@ print(server.plan_for_profile(load_profile('minimax-m2.1-synth')).settings['kt-c
   log "sweep minimax-m2.1-synth"
   kt sweep minimax-m2.1-synth --out "$records" --json > "$out/sweep-synth.json" 2>&1 || log "sweep: some combinations failed"
   log "processes left after the sweep: $(leftover)"
+}
+
+synth_dir() { echo "$HOME/models/MiniMax-M2.1-synth-${1}l"; }
+ensure_synth() {  # a warm host keeps the folder from an earlier call: make it once
+  [ -f "$(synth_dir "$1")/model.safetensors.index.json" ] && return 0
+  log "synth --layers $1"
+  kt synth --layers "$1" --out "$(synth_dir "$1")" --force --json > "$out/synth-$1l.json"
+}
+
+step_perf() {
+  ensure_synth 2 && ensure_synth 4 || { log "synth failed"; return 1; }
+  kernel() {  # kt-kernel alone: decode (1 and 4 tokens) and one 2048-token chunk, at these threads
+    [ "$(remaining)" -gt 30 ] || { log "kernel-bench $1 skipped: out of time"; return 1; }
+    timeout "$(remaining)" python3 -m ktutorial kernel-bench --threads "$1" --layers 2 --prefill-tokens 2048 \
+      --repeats 100 --out "$records" --json > "$out/kernel-bench-$1.json" 2>&1 || log "kernel-bench $1 failed"
+  }
+  log "kernel-bench --threads 14"; kernel 14
+  for spec in minimax-m2.1-synth-depth minimax-m2.1-synth-long; do
+    [ "$(remaining)" -gt 60 ] || { log "sweep $spec skipped: out of time"; continue; }
+    log "sweep $spec"
+    timeout "$(remaining)" python3 -m ktutorial sweep "$spec" --out "$records" --resume --json > "$out/sweep-$spec.json" 2>&1 \
+      || log "sweep $spec: some combinations failed, or its time ran out"
+  done
+  log "kernel-bench --threads 16,12,8"; kernel 16,12,8
+  log "processes left after the sweeps: $(leftover)"
 }
 
 for step in $steps; do "step_$step"; done

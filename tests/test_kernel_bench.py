@@ -153,6 +153,9 @@ def test_random_fp8_is_finite_and_varied():
 def test_bad_input_names_the_fix():
     with pytest.raises(UserError, match="m2.1"):
         kb.layer_shape("huge")
+    assert kb.layer_shape("m2.1", 2, [2048]).prefill_tokens == (2048,)
+    with pytest.raises(UserError, match="positive chunk sizes"):
+        kb.layer_shape("m2.1", 2, [0])
     with pytest.raises(UserError, match="positive"):
         kb.check_threads([0])
     with pytest.raises(UserError, match="exceed"):

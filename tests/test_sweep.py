@@ -130,6 +130,26 @@ def test_shipped_specs_load_and_plan():
     assert bench.combination_key(tiny, {"threads": 1}) == bench.combination_key(bench.load_sweep("tiny"), {"threads": 1})
 
 
+def test_model_dir_knob_serves_another_checkpoint_and_names_it(tmp_path):
+    """A sweep over depths: the `model_dir` knob changes the folder served and the revision
+    records carry; it never becomes an SGLang flag of its own."""
+    from ktutorial.profiles import load_profile
+
+    depth = bench.load_sweep("minimax-m2.1-synth-depth")
+    profile = load_profile(depth.profile)
+    two, four = depth.plan()[0], depth.plan()[1]
+    assert two["model_dir"].endswith("-2l") and four["model_dir"].endswith("-4l")
+    assert bench.serve_options(profile, four) == {"overrides": {"--kt-num-gpu-experts": 0, "--kt-cpuinfer": 14}}
+    folder = tmp_path / "synth-4l"
+    folder.mkdir()
+    from ktutorial import synth
+
+    (folder / "config.json").write_text(json.dumps(synth.config_dict(4)))
+    combo = {**four, "model_dir": str(folder)}
+    assert bench.combination_profile(profile, combo).model_dir == str(folder)
+    assert "4 layers" in bench.model_revision_for(bench.combination_profile(profile, combo))
+
+
 def test_a_sweep_that_measured_nothing_fails_the_notebook_naming_the_diagnoses():
     """04_tuning_sweeps ends with nb.sweep_observations: a sweep whose every combination failed
     must stop the tutorial run, not render an empty observation."""
