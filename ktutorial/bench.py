@@ -21,21 +21,27 @@ already recorded.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import secrets
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 from urllib.parse import urlparse
 
 import httpx
+import yaml
+from tqdm import tqdm
 
-from ktutorial import results
+from ktutorial import client, results, server, tiny
 from ktutorial.engines.adapters import adapter_for, detect_engine  # noqa: F401  (bench.detect_engine: notebooks)
 from ktutorial.engines.http import EngineAPI, RequestTiming, served_model
 from ktutorial.errors import UserError
+from ktutorial.profiles import load_profile
+from ktutorial.spec import known_model
 
 # Filler for prompts: ordinary prose, so a real tokenizer splits it as it would a real prompt.
 _FILLER = (
@@ -76,8 +82,6 @@ def reply_checks(base_url: str, model: Optional[str], params: Optional[dict[str,
     """The tiny model's exact replies over each API (OpenAI and Anthropic, plain, streamed, a Bash
     tool round trip), greedy, one `reply_check` record each. A request that fails is a record
     with `exact` false and the error, so one broken route does not hide the others."""
-    from ktutorial import client, tiny
-
     params = dict(params or {})
     server = server_settings(base_url, params.get("engine"))
     env = results.environment_stamp(engine=server["engine"], model=model, extra=server)
@@ -359,13 +363,9 @@ def model_revision_for(profile) -> Optional[str]:
     checkpoint's generator settings, or the hub repo and revision of a known model."""
     try:
         if profile.model == "tiny":
-            from ktutorial import tiny
-
             return f"tiny seed {profile.seed}, format v{tiny.FORMAT_VERSION}"
         if profile.model_dir and model_identity(profile.model_dir).get("model_revision"):
             return model_identity(profile.model_dir)["model_revision"]
-        from ktutorial.spec import known_model
-
         info = known_model(profile.model)
         return f"{info.get('repo_id')}@{info.get('revision')}"
     except Exception:  # a profile of an unknown model still benchmarks
@@ -374,16 +374,7 @@ def model_revision_for(profile) -> Optional[str]:
 
 def default_base_url() -> str:
     """The base URL of the server ktutorial started (ktutorial.server), or a UserError saying how."""
-    try:
-        from ktutorial import server
-    except ImportError as exc:
-        raise UserError("no running server known: pass --base-url URL") from exc
-    for name in ("current_base_url", "current_server"):
-        fn = getattr(server, name, None)
-        if fn is not None:
-            got = fn()
-            return got if isinstance(got, str) else got.base_url
-    raise UserError("no running server known: pass --base-url URL")
+    return server.current_base_url()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,9 +413,6 @@ _BENCH_KEYS = {"input_lens", "output_len", "repeats", "warmup"}
 
 def load_sweep(path_or_name: str | Path) -> SweepSpec:
     """A sweep spec from a YAML file, or a shipped one by name ("tiny", "minimax-m2.1")."""
-    import yaml
-    from importlib import resources
-
     path = Path(path_or_name)
     if path.is_file():
         text = path.read_text()
@@ -545,9 +533,6 @@ def serve_options(profile, serve_params: dict[str, Any]) -> dict[str, Any]:
             flag = knob if knob.startswith("--") else "--" + knob.replace("_", "-")
             flags[flag] = value
         return {"overrides": flags}
-    import inspect
-
-    from ktutorial import server
 
     accepted = set(inspect.signature(server.prepare).parameters) - _NOT_KNOBS
     options = {}
@@ -562,8 +547,6 @@ def serve_options(profile, serve_params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _start_server(profile, serve_params: dict[str, Any], timeout_s: Optional[float]):
-    from ktutorial import server
-
     options = serve_options(profile, serve_params)
     if timeout_s is not None:
         options["ready_timeout_s"] = float(timeout_s)
@@ -573,8 +556,6 @@ def _start_server(profile, serve_params: dict[str, Any], timeout_s: Optional[flo
 def _render(profile, serve_params: dict[str, Any]) -> str:
     """The command a combination would run (for --dry-run), or why it would not start."""
     try:
-        from ktutorial import server
-
         return server.prepare(combination_profile(profile, serve_params), dry_run=True,
                               **serve_options(profile, serve_params)).shell()
     except Exception as exc:  # the plan is still worth printing
@@ -598,7 +579,6 @@ def sweep(
     """
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)
-    from ktutorial.profiles import load_profile
 
     profile = load_profile(spec.profile)
     bench_args = {**profile.bench.model_dump(), **spec.bench}
@@ -630,8 +610,6 @@ def sweep(
     todo = [p for p in plan if not p["skip"]]
     bar = None
     if progress and todo:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(todo) * requests_per, desc=f"sweep {spec.name}", unit="req")
     try:
         for item in todo:
@@ -666,7 +644,7 @@ def sweep(
                         config=f"{spec.name}: {label}",
                         params=params,
                         deadline=deadline,
-                        on_record=lambda rec: (measured.append(rec), bar and bar.update(1)),
+                        on_record=lambda rec: (measured.append(rec), bar and bar.update(1)),  # noqa: B023 (called in this pass)
                     )
                     if profile.model == "tiny":
                         stage = "reply"

@@ -35,9 +35,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import httpx
 import jinja2
 
-from ktutorial import ccproxy, client, server
+from ktutorial import bench, ccproxy, client, results, server
 from ktutorial.errors import MissingDependency, UserError
 from ktutorial.shell import command_line
 
@@ -247,8 +248,6 @@ def write_settings(
 
 def probe(base_url: str, timeout_s: float = 5.0) -> list[str]:
     """The served model names at `base_url` (GET /v1/models), or UserError naming the URL and the fix."""
-    import httpx
-
     url = normalize_base_url(base_url)
     try:
         response = httpx.get(f"{url}/v1/models", timeout=timeout_s)
@@ -585,8 +584,6 @@ def check_records(checks: list[CheckResult], base_url: str, model: Optional[str]
                   params: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
     """One `claude_check` record per item of a check, stamped with the backend's engine and the
     settings it reports (SGLang's reasoning and tool-call parsers among them)."""
-    from ktutorial import bench, results
-
     server = bench.server_settings(normalize_base_url(base_url))
     env = results.environment_stamp(engine=server["engine"], model=model, extra=server)
     return [

@@ -7,14 +7,38 @@ Library errors that a reader can fix (bad input, a missing file, a busy port) de
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import signal as _signal
 import sys
+import time
+import time as _time
+from dataclasses import asdict
+from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
+from ktutorial import __version__, ccproxy, client, notebooks, perfmodel, results, server
+from ktutorial import bench as benchmod
+from ktutorial import claude_code as cc
+from ktutorial import download as dl
+from ktutorial import kernel_bench as kb
+from ktutorial import report as reportmod
+from ktutorial import results as records
+from ktutorial import selftest as st
+from ktutorial import server as srv
+from ktutorial import synth as synth_mod
+from ktutorial import tiny as tiny_mod
+from ktutorial.docs import build_site
+from ktutorial.doctor import doctor, plan_for
+from ktutorial.engines import sglang_kt
 from ktutorial.errors import UserError
+from ktutorial.profiles import load_profile
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -35,8 +59,6 @@ def print_json(obj) -> None:
 @app.command()
 def version() -> None:
     """Print ktutorial's version."""
-    from ktutorial import __version__
-
     print(__version__)
 
 
@@ -48,8 +70,6 @@ def tiny(
     as_json: bool = typer.Option(False, "--json", help="Print the paths as JSON."),
 ) -> None:
     """Generate the tiny MiniMax-M2-architecture model (HF FP8 folder + GGUF) from a seed."""
-    from ktutorial import tiny as tiny_mod
-
     model = tiny_mod.generate(out, seed=seed, force=force)
     info = {"hf_dir": str(model.hf_dir), "gguf_path": str(model.gguf_path), "seed": seed,
             "served_model_name": model.served_model_name}
@@ -69,8 +89,6 @@ def synth(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Generate a full-width, truncated-depth MiniMax-M2.1 checkpoint (random FP8) for SGLang-KT."""
-    from ktutorial import synth as synth_mod
-
     model = synth_mod.generate(out, layers=layers, seed=seed, routing=routing, force=force)
     info = model.summary()
     if as_json:
@@ -86,8 +104,6 @@ def selftest(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Generate the tiny model, run kt-kernel FP8 and llama.cpp on it for real, and check both."""
-    from ktutorial import selftest as st
-
     report = st.run(threads=threads)
     if as_json:
         print_json(report)
@@ -121,12 +137,6 @@ def doctor_cmd(
 ) -> None:
     """This machine against the MiniMax-M2.1 tutorial's needs, each missing thing with its fix,
     and whether the tiny profile runs here. Exits 1 only when the tiny profile cannot run."""
-    import os
-
-    from rich.table import Table
-
-    from ktutorial.doctor import doctor
-
     report = doctor(disk_path=os.path.expanduser(disk_path))
     if json_out:
         print_json(report.as_dict())
@@ -153,7 +163,8 @@ def plan_cmd(
     cpu_cores: Optional[int] = typer.Option(None, "--cpu-cores", help="Describe physical CPU cores (default 32)."),
     logical_cpus: Optional[int] = typer.Option(None, "--logical-cpus", help="Describe logical CPUs when SMT is on (default: = cores)."),
     numa_nodes: Optional[int] = typer.Option(None, "--numa-nodes", help="Describe NUMA nodes (default 1)."),
-    cpu_flags: Optional[str] = typer.Option(None, "--cpu-flags", help="Describe CPU flags: avx2,avx512f,avx512bw,avx512_vnni,avx512_vbmi,avx512_bf16,amx_tile,..."),
+    cpu_flags: Optional[str] = typer.Option(
+        None, "--cpu-flags", help="Describe CPU flags: avx2,avx512f,avx512bw,avx512_vnni,avx512_vbmi,avx512_bf16,amx_tile,..."),
     context_tokens: Optional[int] = typer.Option(None, "--context-tokens", help="Longest context one request must fit (default 65536)."),
     kv_dtype: str = typer.Option("bf16", "--kv-dtype", help="KV cache: bf16 or fp8 (half the bytes)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Fix a setting: FLAG=VALUE (sglang-kt flag name); repeat it."),
@@ -162,12 +173,6 @@ def plan_cmd(
     """Launch settings for SGLang + KT with a reason each, where the memory goes, and whether it
     fits. Plans for this machine unless you describe one (--gpu, --ram-gb, ...). Exits 1 when it
     does not fit."""
-    from rich.table import Table
-
-    from ktutorial import perfmodel
-    from ktutorial.doctor import plan_for
-    from ktutorial.engines import sglang_kt
-
     plan = plan_for(model=model, model_dir=model_dir, gpu=gpu, gpus=gpus, tp=tp, ram_gb=ram_gb,
                     cpu_cores=cpu_cores, numa_nodes=numa_nodes, cpu_flags=cpu_flags,
                     context_tokens=context_tokens, kv_dtype=kv_dtype, sets=sets, logical_cpus=logical_cpus)
@@ -233,8 +238,6 @@ def download_cmd(
 ) -> None:
     """Download a model from the Hugging Face hub: checks free disk first, resumes, keeps a manifest
     for `ktutorial verify`. The token comes from HF_TOKEN and is never printed."""
-    from ktutorial import download as dl
-
     if (model is None) == (repo is None):
         raise UserError("pass exactly one of --model NAME (e.g. --model minimax-m2.1) or --repo ORG/NAME")
     repo_id, default_rev = dl.repo_for_model(model) if model else (repo, "main")
@@ -272,10 +275,6 @@ def verify_cmd(
 ) -> None:
     """Check a downloaded checkpoint: shards present and of the hub's size, headers readable, every
     expert tensor of every layer present. Exits 1 naming each bad file."""
-    from rich.table import Table
-
-    from ktutorial import download as dl
-
     report = dl.verify(model_dir, check_sha256=sha256)
     if json_out:
         print_json(report.to_dict())
@@ -353,11 +352,6 @@ def serve_cmd(
     (planned for this machine, or for one described with the plan options, as `ktutorial plan`).
 
     Without --detach it runs in the foreground until Ctrl-C, then stops the server."""
-    import signal as _signal
-    import time as _time
-
-    from ktutorial import server as srv
-
     plan_options = dict(
         model_dir=model_dir, gpu=gpu, gpus=gpus, tp=tp, ram_gb=ram_gb, cpu_cores=cpu_cores,
         logical_cpus=logical_cpus, numa_nodes=numa_nodes, cpu_flags=cpu_flags, context_tokens=context_tokens,
@@ -420,8 +414,6 @@ def stop_cmd(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Stop the running server (its whole process group), including one a crashed notebook left."""
-    from ktutorial import server as srv
-
     stopped = srv.stop_servers(all=all_servers, pid=pid, port=port)
     if json_out:
         print_json(stopped)
@@ -435,10 +427,6 @@ def stop_cmd(
 @app.command("status")
 def status_cmd(json_out: bool = typer.Option(False, "--json", help="Print the servers as JSON.")) -> None:
     """List running servers: engine, pid, base URL, model, profile."""
-    from rich.table import Table
-
-    from ktutorial import server as srv
-
     entries = srv.running()
     if json_out:
         print_json(entries)
@@ -470,10 +458,6 @@ def chat_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the whole result as JSON."),
 ) -> None:
     """Send one message to a served model and print the reasoning (dim) and the answer."""
-    import dataclasses
-
-    from ktutorial import client
-
     shown: dict[str, bool] = {"reasoning": False, "content": False}
 
     def on_delta(kind: str, piece: str) -> None:
@@ -513,11 +497,8 @@ def chat_cmd(
 # ==== section: measure (bench, sweep, kernel-bench, report) ================================
 def _bench_defaults(base_url: Optional[str]):
     """The base URL, and the bench sizes of the running server's profile (tiny: short prompts)."""
-    from ktutorial.profiles import load_profile
-
     if base_url:
         return base_url, None
-    from ktutorial import server
 
     srv = server.current_server()
     try:
@@ -538,9 +519,6 @@ def bench(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Single-request prefill/decode benchmark against a running server; writes records."""
-    from ktutorial import bench as benchmod
-    from ktutorial import results
-
     url, profile = _bench_defaults(base_url)
     defaults = profile.bench if profile else None
     lens = benchmod.parse_lens(input_lens) if input_lens else (defaults.input_lens if defaults else [2048, 8192, 32768])
@@ -554,7 +532,6 @@ def bench(
     if as_json:
         print_json({"out": out, "records": len(recs), "summary": groups})
         return
-    from rich.table import Table
 
     table = Table(title=f"{recs[0]['params']['config']} — {len(recs)} records appended to {out}")
     for col in ("input tokens", "prefill tok/s", "decode tok/s", "decode (server)", "n"):
@@ -575,9 +552,6 @@ def replies(
 ) -> None:
     """The tiny model's exact replies over OpenAI and Anthropic (plain, streamed, a Bash tool round
     trip) through a running server; exit 1 if any differs."""
-    from ktutorial import bench as benchmod
-    from ktutorial import client, results
-
     url, profile = _bench_defaults(base_url)
     recs = benchmod.reply_checks(url, client.resolve(url)[1], {"profile": profile.name if profile else None})
     for rec in recs:
@@ -605,8 +579,6 @@ def sweep(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Serve parameters × bench parameters: one server per combination, every run recorded."""
-    from ktutorial import bench as benchmod
-
     spec_obj = benchmod.load_sweep(spec)
     out = out or f"sweep-{spec_obj.name}.jsonl"
     summary = benchmod.sweep(spec_obj, out, resume=resume, dry_run=dry_run, retry_failed=retry_failed,
@@ -614,7 +586,6 @@ def sweep(
     if as_json:
         print_json(summary)
         return
-    from rich.table import Table
 
     table = Table(title=f"sweep {summary['sweep']} (profile {summary['profile']}) -> {summary['out']}")
     for col in ("#", "combination", "key", "status"):
@@ -643,8 +614,6 @@ def report(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Tables (the published table's format) and charts from records."""
-    from ktutorial import report as reportmod
-
     memory, title = (None, "")
     if plan_profile:
         memory, title = reportmod.planned_memory(plan_profile)
@@ -659,7 +628,8 @@ def report(
 @app.command("kernel-bench")
 def kernel_bench_cmd(
     out: str = typer.Option(..., "--out", help="JSONL file the records are appended to."),
-    threads: Optional[str] = typer.Option(None, "--threads", help="CPU thread counts, one child process each (default 4,8,12,16; --hybrid: one count, default cores - 2)."),
+    threads: Optional[str] = typer.Option(
+        None, "--threads", help="CPU thread counts, one child process each (default 4,8,12,16; --hybrid: one count, default cores - 2)."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Layers held in RAM, so no cache holds a token's experts (default 4 at m2.1 shape)."),
     prefill_tokens: Optional[str] = typer.Option(None, "--prefill-tokens", help="Prefill chunk sizes to time (default 128,512,1024,2048,4096 at m2.1 shape)."),
     shape: str = typer.Option("m2.1", "--shape", help="m2.1 (256 experts, 3072 x 1536, top 8) or tiny (a seconds-long check)."),
@@ -673,10 +643,6 @@ def kernel_bench_cmd(
 ) -> None:
     """Kernel microbenchmark at MiniMax-M2.1 layer shape: kt-kernel's FP8 MoE on the CPU (default),
     the same layer in llama.cpp (--llamacpp), or the hybrid GPU/CPU split (--hybrid). Writes records."""
-    import os
-
-    from ktutorial import kernel_bench as kb
-
     if llamacpp and hybrid:
         raise UserError("pass one of --llamacpp or --hybrid (or neither, for kt-kernel)")
 
@@ -738,7 +704,6 @@ def kernel_bench_cmd(
     if json_out:
         print_json(rows)
         return
-    from rich.table import Table
 
     table = Table(*(rows[0].keys() if rows else ["(no results)"]))
     for row in rows:
@@ -779,8 +744,6 @@ def claude_settings_cmd(
     proxy_port: Optional[int] = typer.Option(None, "--proxy-port", help="Port of a proxy started here (default 3457; 0: a free one)."),
 ) -> None:
     """The environment Claude Code needs for this backend, as shell exports and a settings.json block."""
-    from ktutorial import claude_code as cc
-
     base_url, model = cc.resolve_backend(base_url, model)
     token, source = cc.resolve_token()
     if via_proxy:
@@ -817,13 +780,6 @@ def claude_check_cmd(
     out: Optional[str] = typer.Option(None, "--out", help="Append one claude_check record per item to this JSONL file."),
 ) -> None:
     """Call the backend the way Claude Code does; each part works or fails, with the fix (exit 1 if any fails)."""
-    from dataclasses import asdict
-
-    from rich.table import Table
-
-    from ktutorial import claude_code as cc
-    from ktutorial import results as records
-
     results = cc.check(base_url, model, timeout_s=timeout_s, via_proxy=via_proxy)
     if out and results[0].ok:  # a dead backend has no settings to stamp the records with
         for rec in cc.check_records(results, *cc.resolve_backend(base_url, model), via_proxy):
@@ -856,8 +812,6 @@ def claude_run_cmd(
     via_proxy: bool = _CC_VIA_PROXY,
 ) -> None:
     """One real turn of the installed Claude Code CLI (`claude -p`) against the backend, retries off."""
-    from ktutorial import claude_code as cc
-
     result = cc.run(
         prompt, base_url, model, timeout_s=timeout_s, allowed_tools=tuple(allow or ()), cwd=cwd,
         tools=[t.strip() for t in tools.split(",")] if tools is not None else None, system_prompt=system_prompt,
@@ -866,7 +820,6 @@ def claude_run_cmd(
     if json_out:
         print_json(result.to_dict())
         return
-    from rich.markup import escape
 
     for call in result.tool_calls:
         said = escape(f"ran {call['name']} {json.dumps(call['input'])} -> {str(call['output'])[:200]!r}")
@@ -888,11 +841,6 @@ def claude_proxy_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print its run-state entry as JSON."),
 ) -> None:
     """ktutorial's proxy for Claude Code in front of the backend: folds role:system messages into system."""
-    import time as _time
-
-    from ktutorial import ccproxy
-    from ktutorial import claude_code as cc
-
     base_url, model = cc.resolve_backend(base_url, None)
     proxy = ccproxy.serve(base_url, port or None, model=model, detach=detach)
     if json_out:
@@ -920,8 +868,6 @@ def claude_proxy_cmd(
 @claude_app.command("backends")
 def claude_backends_cmd() -> None:
     """How to serve for Claude Code with SGLang-kt or llama.cpp, and a claude-code-router config."""
-    from ktutorial import claude_code as cc
-
     sys.stdout.write(cc.backend_docs())
 
 
@@ -946,16 +892,13 @@ def hybrid_agree(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Three-way agreement: transformers, the hybrid split (0, some, all experts on the GPU), llama.cpp."""
-    from ktutorial import hybrid
-
+    from ktutorial import hybrid  # torch and transformers: seconds at import, only for this command
     out = hybrid.run_agreement(
         seed=seed, n_tokens=tokens, llamacpp=llamacpp, controls=controls, strategy=strategy, records=records
     )
     if as_json:
         print_json(out)
     else:
-        from rich.table import Table
-
         def fmt(v):
             return "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
 
@@ -984,13 +927,11 @@ def hybrid_routing(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Expert routing statistics and the GPU share of expert activations per placement strategy."""
-    from ktutorial import hybrid
-
+    from ktutorial import hybrid  # torch and transformers: seconds at import, only for this command
     study = hybrid.run_routing(out, seed=seed)
     if as_json:
         print_json(study)
         return
-    from rich.table import Table
 
     table = Table(title=f"Expert activations on the GPU ({study['num_experts']} experts/layer)")
     table.add_column("GPU experts/layer")
@@ -1014,11 +955,6 @@ def tutorial_cmd(
 ) -> None:
     """Run every notebook in order with papermill under a profile, then build the site. Stops the
     servers the notebooks started; a failed notebook stops the run, naming the cell and error."""
-    import time
-    from pathlib import Path
-
-    from ktutorial import notebooks
-
     start = time.perf_counter()
     console.print(f"ktutorial tutorial: profile {profile}, output in {out}/", highlight=False)
     result = notebooks.run_tutorial(profile, out, only=only or None, progress=notebooks.main_progress(console))
@@ -1027,8 +963,6 @@ def tutorial_cmd(
                       highlight=False)
     site = None
     if not no_site:
-        from ktutorial.docs import build_site
-
         console.print("site: mkdocs build --strict ...", highlight=False)
         t0 = time.perf_counter()
         try:
@@ -1059,10 +993,6 @@ def docs_cmd(
 ) -> None:
     """Rebuild the site only (mkdocs build --strict) from the executed notebooks in OUT/notebooks,
     pages generated from the code, and the committed records."""
-    from pathlib import Path
-
-    from ktutorial.docs import build_site
-
     build_site(out, typer.main.get_command(app))
     site = Path(out) / "site"
     console.print(f"site: {site}/ (serve it: python -m http.server -d {site} 8000)", highlight=False, soft_wrap=True)

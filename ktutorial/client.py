@@ -20,6 +20,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
+import httpx
+
+from ktutorial import server
 from ktutorial.errors import UserError
 
 CONNECT_TIMEOUT_S = 3.0
@@ -49,8 +52,6 @@ def api_key_status() -> str:
 def resolve(base_url: Optional[str] = None, model: Optional[str] = None) -> tuple[str, str]:
     """Base URL and model, defaulting to the running server (`ktutorial serve ... --detach`)."""
     if base_url is None:
-        from ktutorial import server
-
         current = server.current_server()
         return current.base_url, model or current.model
     base_url = base_url.rstrip("/")
@@ -62,8 +63,6 @@ def resolve(base_url: Optional[str] = None, model: Optional[str] = None) -> tupl
 
 
 def served_models(base_url: str) -> list[str]:
-    import httpx
-
     try:
         with httpx.Client(timeout=httpx.Timeout(10.0, connect=CONNECT_TIMEOUT_S), trust_env=False) as http:
             reply = http.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {api_key()}"})

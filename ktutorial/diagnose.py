@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from ktutorial.spec import ModelSpec
+
 GB = 10**9
 GIB = 2**30
 # The GPU environment's install line (README "Install profiles"): ktransformers[sglang]==0.7.2 pins
@@ -125,8 +127,6 @@ class _Numbers(dict):
 
 def numbers(plan: Any = None, command: Optional[list[str]] = None, match: Optional[re.Match] = None) -> _Numbers:
     """Values for the fix templates, from the command line first, then the plan."""
-    from ktutorial.spec import ModelSpec
-
     command = command or []
     out = _Numbers()
     spec = _get(plan, "spec")

@@ -24,9 +24,13 @@ from pathlib import Path
 
 import yaml
 
-from ktutorial.tables import markdown_table as _md_table
+from ktutorial import claude_code, diagnose, report, server
+from ktutorial import plan as planning
+from ktutorial.engines import sglang_kt
 from ktutorial.errors import UserError
 from ktutorial.layout import NOTEBOOKS, NOTEBOOKS_DIR, repo_root
+from ktutorial.profiles import load_profile
+from ktutorial.tables import markdown_table as _md_table
 
 NOTEBOOK_TITLES = {
     "00_check_and_plan": "0 · Check and plan",
@@ -125,11 +129,6 @@ def cli_reference(root) -> str:
 def launch_parameters_page() -> str:
     """Every flag ktutorial emits, what it does, and what the planner chose (with why) for the
     tiny profile's described machine and for the published machines."""
-    from ktutorial import plan as planning
-    from ktutorial import server
-    from ktutorial.engines import sglang_kt
-    from ktutorial.profiles import load_profile
-
     schema = sglang_kt.settings_schema()
     rows = [[f"`{r['flag']}`", r["type"], ", ".join(r["choices"]) if r["choices"] else "", r["why"]] for r in schema]
     env_rows = [[f"`{e['name']}`", f"`{e['value']}`", e["why"]] for e in sglang_kt.env_schema()]
@@ -184,8 +183,6 @@ def launch_parameters_page() -> str:
 
 
 def troubleshooting_page() -> str:
-    from ktutorial import diagnose
-
     return "\n".join([
         "# Troubleshooting",
         "",
@@ -198,10 +195,6 @@ def troubleshooting_page() -> str:
 
 
 def claude_code_page() -> str:
-    from ktutorial import claude_code, server
-    from ktutorial.engines import sglang_kt
-    from ktutorial.profiles import load_profile
-
     plan = server.plan_for_profile(load_profile("tiny"), model="minimax-m2.1")
     command = sglang_kt.render_command(plan, {"host": "127.0.0.1", "port": 30000}, python="python")
     text = claude_code.backend_docs(sglang_command=command)
@@ -213,8 +206,6 @@ def claude_code_page() -> str:
 
 
 def _report_page(record_paths: list[Path], folder: Path, title: str, preface: str) -> bool:
-    from ktutorial import report
-
     try:
         written = report.write_report([str(p) for p in record_paths], folder)
     except UserError:

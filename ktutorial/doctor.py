@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -21,10 +22,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ktutorial import hardware as hw_mod
+from ktutorial import tiny
 from ktutorial.diagnose import GPU_INSTALL, diagnose
 from ktutorial.engines import sglang_kt
 from ktutorial.errors import UserError
 from ktutorial.plan import Goals, Plan, PlanError, make_plan
+from ktutorial.profiles import load_profile
 from ktutorial.spec import ModelSpec, SpecError, known_model, known_models
 
 SGLANG_KT_VERSION = "0.7.2"
@@ -100,7 +103,6 @@ def _kt_kernel_import(timeout_s: float = 180) -> tuple[Optional[str], Optional[s
     if out.returncode != 0:
         lines = (out.stderr or out.stdout).strip().splitlines()
         return None, None, lines[-1] if lines else f"exit {out.returncode}"
-    import json
 
     version, variant = json.loads(out.stdout.strip().splitlines()[-1])
     return version, variant, ""
@@ -382,8 +384,6 @@ def doctor(disk_path: str | os.PathLike = ".", model: str = "minimax-m2.1",
     machine = hardware or hw_mod.detect(disk_path=disk_path)
     spec = ModelSpec.known(model)
     if context_tokens is None:
-        from ktutorial.profiles import load_profile
-
         context_tokens = load_profile("minimax-m2.1").context_tokens
     plan = make_plan(spec, machine, Goals(context_tokens=context_tokens))
     mem = plan.memory
@@ -528,7 +528,6 @@ def plan_for(
     disk is not checked."""
     if model == "tiny":
         # The embedded tiny model, served by SGLang + KT on a GPU host (profile tiny-sglang).
-        from ktutorial import tiny
 
         info = {"served_model_name": tiny.SERVED_MODEL_NAME}
         model_dir = model_dir or str(tiny.ensure().hf_dir)

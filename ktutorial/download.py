@@ -38,6 +38,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+from tqdm.auto import tqdm
 
 from ktutorial.errors import UserError
 from ktutorial.spec import ModelSpec, SpecError, known_model, known_models
@@ -89,8 +92,6 @@ def resolve_endpoint(endpoint: str | None = None) -> str:
 
 def public_url(url: str) -> str:
     """The URL without any user:password part, for manifests and messages."""
-    from urllib.parse import urlsplit, urlunsplit
-
     parts = urlsplit(url)
     if not parts.hostname or "@" not in parts.netloc:
         return url
@@ -405,7 +406,7 @@ def read_manifest(model_dir: str | Path) -> dict | None:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}): delete it and run ktutorial download again")
+        raise UserError(f"{path} is not valid JSON ({exc}): delete it and run ktutorial download again") from None
     if manifest.get("schema") != MANIFEST_SCHEMA:
         raise UserError(f"{path} has schema {manifest.get('schema')!r}, expected {MANIFEST_SCHEMA!r}: "
                         "delete it and run ktutorial download again")
@@ -440,7 +441,6 @@ def _write_manifest(plan: DownloadPlan, listing: RepoListing, say: Callable[[str
 def _tqdm_class(progress: bool):
     if progress:
         return None  # huggingface_hub's own bars (HF_HUB_DISABLE_PROGRESS_BARS=1 hides them)
-    from tqdm.auto import tqdm
 
     class _Silent(tqdm):
         def __init__(self, *args, **kwargs):

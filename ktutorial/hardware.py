@@ -12,6 +12,7 @@ server (256 GiB = 275 GB).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+import psutil
 
 from ktutorial.errors import UserError
 
@@ -390,8 +393,6 @@ def parse_nvidia_smi(text: str, with_compute_cap: bool = True) -> list[GPU]:
 
 
 def _gpus_from_torch() -> list[GPU]:
-    import importlib.util
-
     if importlib.util.find_spec("torch") is None:
         return []
     try:
@@ -461,8 +462,6 @@ def physical_cores(sys_root: str = "/sys", cpus: Optional[Iterable[int]] = None)
 
 def _psutil_physical() -> int:
     try:
-        import psutil
-
         return int(psutil.cpu_count(logical=False) or 0)
     except Exception:
         return 0
@@ -485,8 +484,6 @@ def numa_node_ids(sys_root: str = "/sys") -> list[int]:
 
 def _ram_bytes(proc_root: str) -> int:
     try:
-        import psutil
-
         return int(psutil.virtual_memory().total)
     except Exception:
         pass

@@ -39,6 +39,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402  (after the OpenMP setting above)
 
+from ktutorial import results, tiny
+from ktutorial import server as srv
+from ktutorial.ktkernel import CPUExperts
+from ktutorial.plots import save_figure
+from ktutorial.spec import ModelSpec
+
 IMPLEMENTATION = "ktutorial_hybrid"
 PLACEMENT_STRATEGIES = ("uniform", "front-loading", "frequency", "random")
 # kt-kernel refuses more tokens per call than chunked_prefill_size; we slice prefill into chunks.
@@ -248,8 +254,6 @@ class KTLayer:
     call: changing it in place moves experts."""
 
     def __init__(self, hf_dir: Path, layer_idx: int, spec, threads: int, chunk_tokens: int):
-        from ktutorial.ktkernel import CPUExperts
-
         # kt-kernel's loader is a process-wide singleton that each load releases: CPUExperts
         # builds and loads one layer at a time, never all wrappers first.
         self.experts = CPUExperts(hf_dir, layer_idx, spec, threads=threads, chunk=chunk_tokens)
@@ -293,8 +297,6 @@ _KT_CACHE: dict[tuple[str, int], KTLayer] = {}
 def kt_layers(hf_dir: str | Path, threads: int = 1, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> list[KTLayer]:
     """One KTLayer per MoE layer, cached per process: kt-kernel keeps one CPU thread pool per
     process (the first thread count wins) and loading is the slow part."""
-    from ktutorial.spec import ModelSpec
-
     hf_dir = Path(hf_dir).resolve()
     spec = ModelSpec.from_dir(hf_dir)
     layers = []
@@ -1078,15 +1080,12 @@ def plot_routing(study: RoutingStudy, path: str | Path) -> Path:
     ax_cov.set_ylim(0, 100)
     ax_cov.grid(alpha=0.3)
     ax_cov.legend(fontsize=8, loc="lower right")
-    from ktutorial.plots import save_figure
 
     return save_figure(fig, Path(path))
 
 
 def routing_records(study: RoutingStudy, model: str, env: dict | None = None) -> list[dict[str, Any]]:
     """One "routing" record per (strategy, GPU experts per layer), raw counts in the samples."""
-    from ktutorial import results
-
     env = env if env is not None else results.environment_stamp(model=model)
     records = []
     for s, values in study.coverage.items():
@@ -1132,8 +1131,6 @@ _OPEN: dict[tuple[str, str], Hybrid] = {}
 def open_hybrid(hf_dir: str | Path | None = None, seed: int = 0, device: str | None = None) -> tuple[Hybrid, Any]:
     """(Hybrid, tokenizer) for a model folder, the tiny model by default; one per process."""
     if hf_dir is None:
-        from ktutorial import tiny
-
         hf_dir = tiny.ensure(seed).hf_dir
     key = (str(Path(hf_dir).resolve()), device or default_device())
     if key not in _OPEN:
@@ -1144,8 +1141,6 @@ def open_hybrid(hf_dir: str | Path | None = None, seed: int = 0, device: str | N
 def agreement_records(out: dict[str, Any], model: str, env: dict | None = None) -> list[dict[str, Any]]:
     """One "agreement" record per compared pair of run_agreement()'s result (negative controls
     included, marked as such)."""
-    from ktutorial import results
-
     env = env if env is not None else results.environment_stamp(model=model)
     rows = [(r, False) for r in out["comparisons"]] + [(r, True) for r in out.get("negative_controls", [])]
     records = []
@@ -1187,8 +1182,6 @@ def run_agreement(
     """The three-way agreement on the tiny model (llama.cpp started on its GGUF and stopped
     again), optionally with the negative controls; a JSON-ready dict. `records`: a JSONL file
     to append one "agreement" record per pair to."""
-    from ktutorial import tiny
-
     if n_tokens < 1:
         raise UserError(f"--tokens must be at least 1, got {n_tokens}")
     if strategy not in PLACEMENT_STRATEGIES:
@@ -1197,8 +1190,6 @@ def run_agreement(
     h, tok = open_hybrid(model.hf_dir)
     ids = chat_prompt_ids(tok, prompt)
     if llamacpp:
-        from ktutorial import server as srv
-
         # One llama.cpp thread: kt-kernel's pool and torch share the rest of a small machine.
         with srv.Server(srv.llamacpp_launch(model.gguf_path, model.served_model_name, threads=1)) as running:
             report = agreement(h, ids, n_tokens, strategy=strategy, llamacpp_base_url=running.base_url,
@@ -1210,8 +1201,6 @@ def run_agreement(
         out["negative_controls"] = [c.row() for c in negative_controls(h, ids, n_tokens)]
         out["ok"] = out["ok"] and not any(c["ok"] for c in out["negative_controls"])
     if records is not None:
-        from ktutorial import results
-
         for rec in agreement_records(out, model=model.served_model_name):
             results.append_record(records, rec)
         out["records"] = str(records)
@@ -1221,8 +1210,6 @@ def run_agreement(
 def run_routing(out_dir: str | Path, seed: int = 0, reply_tokens: int = 16) -> dict[str, Any]:
     """Routing statistics of the tiny model: writes routing.png, routing.jsonl (records of kind
     "routing") and routing.json (the study) under out_dir; returns the study plus their paths."""
-    from ktutorial import results, tiny
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = tiny.ensure(seed)

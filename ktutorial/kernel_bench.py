@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -29,9 +30,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import gguf
+import numpy as np
+
+from ktutorial import results
 from ktutorial.errors import MissingDependency, UserError
 from ktutorial.fp8 import dequantize_block, reference_moe, rel_err
 from ktutorial.server import stop_process_group
+from ktutorial.spec import ModelSpec
 from ktutorial.tiny import bytes_to_unicode
 
 # Quantization blocks: FP8 checkpoints scale 128 x 128 blocks, Q8_0 scales 32 values.
@@ -87,8 +93,6 @@ class LayerShape:
 
 
 def _m21_shape() -> LayerShape:
-    from ktutorial.spec import ModelSpec
-
     spec = ModelSpec.known("minimax-m2.1")
     return LayerShape(
         name="m2.1",
@@ -626,8 +630,6 @@ def run_kt_kernel(
     Appends records to `out` as each thread count finishes; returns the summary (best threads,
     ceilings), which is also written as a kt_kernel_summary record.
     """
-    from ktutorial import results
-
     threads = check_threads(threads)
     sh = layer_shape(shape, layers, prefill_tokens)
     if decode_calls < 1 or prefill_calls < 1:
@@ -702,13 +704,6 @@ def write_random_q8_gguf(path: str | os.PathLike, shape: LayerShape, layers: int
     expert tensor (gate, up and down hold the same number of values); each tensor still occupies
     its own bytes in the file, so no layer shares memory with another.
     """
-    import numpy as np
-
-    try:
-        import gguf
-    except ImportError as exc:
-        raise MissingDependency("gguf", "pip install gguf==0.19.0") from exc
-
     t_start = time.perf_counter()
     e, h, f, k = shape.experts, shape.hidden, shape.intermediate, shape.top_k
     head_dim, heads = 128, 1
@@ -807,7 +802,6 @@ def _llamacpp_child(p: dict[str, Any]) -> dict[str, Any]:
         import xllamacpp as xl
     except ImportError as exc:
         raise MissingDependency("xllamacpp", "pip install xllamacpp") from exc
-    import random
 
     threads = int(p["threads"])
     params = xl.CommonParams()
@@ -871,8 +865,6 @@ def run_llamacpp(
     progress: Optional[Callable[[str], None]] = None,
 ) -> list[dict[str, Any]]:
     """The MoE layer in llama.cpp (Q8_0, CPU only): prefill and decode per layer, per thread count."""
-    from ktutorial import results
-
     threads = check_threads(threads)
     sh = layer_shape(shape, layers)
     if repeats < 1:
@@ -1203,8 +1195,6 @@ def run_hybrid(
     progress: Optional[Callable[[str], None]] = None,
 ) -> list[dict[str, Any]]:
     """One MoE layer split between GPU (torch) and CPU (kt-kernel), latency against N GPU experts."""
-    from ktutorial import results
-
     sh = layer_shape(shape)
     (threads,) = check_threads([threads])
     if gpu_experts is None:  # CPU-only end, powers of two, GPU-only end: 0, 8, 16, ..., 256

@@ -25,6 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from safetensors import safe_open
+
 from ktutorial import fp8
 from ktutorial.errors import MissingDependency, UserError
 from ktutorial.spec import ModelSpec
@@ -238,8 +240,6 @@ class CheckpointExperts:
         self._handles: dict[str, object] = {}
 
     def _get(self, name: str):
-        from safetensors import safe_open
-
         fname = self.index[name]
         if fname not in self._handles:
             self._handles[fname] = safe_open(str(self.hf_dir / fname), framework="pt")

@@ -12,22 +12,33 @@ library call or a record, never from typed text.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime as _dt
 import json
-import warnings
-from contextlib import contextmanager
 import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from ktutorial import bench, claude_code, diagnose, download, plots, server, tiny
+from ktutorial.client import resolve
+from ktutorial.download import public_url, resolve_endpoint, token_status
+from ktutorial.engines import sglang_kt
 from ktutorial.errors import MissingDependency, UserError
+from ktutorial.hubserver import LocalHub
 from ktutorial.layout import FIGURES_DIR, NOTEBOOKS, NOTEBOOKS_DIR, RECORDS_DIR, repo_root  # noqa: F401 (re-exported)
+from ktutorial.plots import save_figure
+from ktutorial.profiles import load_profile
+from ktutorial.report import bench_summary, fmt, load_published, markdown_table
+from ktutorial.results import environment_stamp, field, scrub, summarize
+from ktutorial.server import Launch, Server
 from ktutorial.shell import command_line
-
 
 # huggingface_hub imports tqdm.auto, which warns in a kernel without ipywidgets; downloads here
 # run with progress=False, so the warning says nothing useful.
@@ -53,8 +64,8 @@ class NotebookRun:
 class TutorialResult:
     profile: str
     out_dir: Path
-    runs: list[NotebookRun] = field(default_factory=list)
-    stopped_servers: list[dict] = field(default_factory=list)
+    runs: list[NotebookRun] = dataclasses.field(default_factory=list)
+    stopped_servers: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def seconds(self) -> float:
@@ -98,8 +109,6 @@ _TEXT_MIMES = ("text/plain", "text/markdown", "text/html", "application/json")
 
 
 def _scrub_text(text: str, root: str) -> str:
-    from ktutorial.results import scrub
-
     text = scrub(text)
     return text.replace(root, ".") if root and len(root) > 1 else text
 
@@ -197,8 +206,6 @@ def quiet_native_output(log_name: str = "native-output.log", out_dir: str | Path
     """Send what a library prints during the block — native code writing to file descriptors 1
     and 2 (kt-kernel's C++ load messages) and Python prints (its loaders') — to OUT/logs/LOG_NAME
     instead of the notebook. Results are shown by the cells after it."""
-    import contextlib
-
     log_dir = Path(out_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
@@ -229,8 +236,6 @@ def run_tutorial(
     `progress(name, index, total, seconds_or_None)` is called before and after each notebook.
     Servers the notebooks left running for the profile are stopped at the end, failed or not.
     """
-    from ktutorial.profiles import load_profile
-
     load_profile(profile)  # fail before the first notebook on a bad profile name
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,8 +261,6 @@ def run_tutorial(
 
 def stop_profile_servers(profile: str) -> list[dict]:
     """02_launch leaves a server running for the later notebooks; the tutorial ends it."""
-    from ktutorial import server
-
     stopped = []
     for entry in server.running(profile=profile):
         server.stop(entry)
@@ -316,8 +319,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        from ktutorial.report import fmt
-
         return fmt(value)
     if isinstance(value, (list, tuple)):
         return ", ".join(_cell(v) for v in value)
@@ -335,7 +336,6 @@ def table(rows: Sequence[dict] | dict, columns: Optional[Sequence[str]] = None) 
     if not rows:
         return "(nothing to show)"
     columns = list(columns or dict.fromkeys(k for r in rows for k in r))
-    from ktutorial.report import markdown_table
 
     return markdown_table(columns, ([_cell(r.get(c)) for c in columns] for r in rows))
 
@@ -361,7 +361,6 @@ def show(obj: Any, title: Optional[str] = None) -> None:
         _markdown(f"**{title}**")
     if obj is None:
         return
-    from ktutorial.server import Server
 
     if isinstance(obj, Server):
         _markdown(table(server_facts(obj)))
@@ -395,8 +394,6 @@ def scrubbed(text: str) -> str:
 
 def show_command(command: Any, env: Optional[dict] = None) -> None:
     """A launch command as a shell block, one flag a line, no path of this machine."""
-    from ktutorial.server import Launch
-
     if isinstance(command, Launch):
         env = command.env if env is None else env
         command = command.command
@@ -445,10 +442,6 @@ STAMP_KEYS = (
 
 def stamp(engine: Optional[str] = None, model: Optional[str] = None, extra: Optional[dict] = None) -> dict:
     """Show and return the environment stamp (versions, hardware, date) that ends every notebook."""
-    import datetime as _dt
-
-    from ktutorial.results import environment_stamp
-
     env = environment_stamp(engine=engine, model=model, extra=extra)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
     env = {"time_utc": now, **env}
@@ -466,8 +459,6 @@ def stamp(engine: Optional[str] = None, model: Optional[str] = None, extra: Opti
 
 def open_profile(profile: str):
     """Load a profile and show what it runs."""
-    from ktutorial.profiles import load_profile
-
     prof = load_profile(profile)
     facts = {
         "profile": prof.name,
@@ -546,8 +537,6 @@ def ram_requirement(plan) -> None:
 
 def settings_table(plan) -> None:
     """The plan's launch settings, each with its value, why, and the flag's type from the schema."""
-    from ktutorial.engines import sglang_kt
-
     schema = {row["flag"]: row for row in sglang_kt.settings_schema()}
     rows = []
     for flag, setting in plan.settings.items():
@@ -593,8 +582,6 @@ def published_runs_table(rows: list[dict]) -> None:
 
 def try_settings(plan, overrides: dict) -> None:
     """Render the plan's command with `overrides`; show whether ktutorial refuses it and why."""
-    from ktutorial.engines import sglang_kt
-
     shown = ", ".join(f"--{k.lstrip('-')} {v}" for k, v in overrides.items())
     try:
         sglang_kt.render_command(plan, overrides)
@@ -622,8 +609,6 @@ class ModelSource:
     hub: Any = None  # the LocalHub serving the tiny checkpoint
 
     def facts(self) -> dict:
-        from ktutorial.download import public_url, resolve_endpoint, token_status
-
         return {
             "repo": self.repo_id,
             "revision": self.revision,
@@ -646,12 +631,7 @@ def model_source(profile, model_dir: Optional[str] = None, out_dir: str | Path =
     """The repo a profile downloads. Tiny: its generated FP8 folder served as TINY_REPO by
     ktutorial.hubserver on 127.0.0.1 (the real huggingface_hub client, offline); a known model:
     its hub repo at the pinned revision."""
-    from ktutorial import download
-
     if profile.model == "tiny":
-        from ktutorial import tiny
-        from ktutorial.hubserver import LocalHub
-
         hub = LocalHub.serving(TINY_REPO, tiny.ensure(profile.seed).hf_dir)
         local = Path(model_dir or Path(out_dir) / "models" / "tiny-hf")
         source = ModelSource(TINY_REPO, "main", hub.endpoint, local,
@@ -685,7 +665,6 @@ def plot_download(plan, out_dir: str | Path) -> list[Path]:
                  f"{free:.0f} GB free here", fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
     ax.tick_params(axis="y", labelsize=7)
-    from ktutorial.plots import save_figure
 
     return [save_figure(fig, figures_dir(out_dir) / "download_files.png")]
 
@@ -716,8 +695,6 @@ def sglang_status(profile, srv=None, planned_model: str = "minimax-m2.1") -> Non
 
 def parser_check(command: Sequence[str]) -> None:
     """Run sglang-kt 0.7.2's own argument parser over a rendered command and say what it made of it."""
-    from ktutorial.engines import sglang_kt
-
     # No fallback: without sglang-kt's parser (make sglang-parser-env; on a GPU machine sglang-kt
     # itself) the notebook fails, naming the fix, rather than claim a check it did not make.
     got = sglang_kt.check_with_real_parser([command])
@@ -762,8 +739,6 @@ def expect_refusal(fn: Callable, *args, **kwargs) -> None:
 def diagnosis_example(pattern_id: str, plan=None, command: Optional[Sequence[str]] = None) -> None:
     """What ktutorial says when a launch fails: the catalog's log line for `pattern_id`, diagnosed
     with this plan's numbers."""
-    from ktutorial import diagnose
-
     pattern = next((p for p in diagnose.catalog() if p.id == pattern_id), None)
     if pattern is None or not pattern.example:
         raise UserError(f"no diagnosis example {pattern_id!r}; ids: {', '.join(p.id for p in diagnose.catalog())}")
@@ -804,7 +779,6 @@ def gpu_experts_tradeoff(plan, out_dir: str | Path) -> list[Path]:
                  f"{per_expert:.2f} GiB per GPU expert", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    from ktutorial.plots import save_figure
 
     return [save_figure(fig, figures_dir(out_dir) / "gpu_experts_tradeoff.png")]
 
@@ -828,9 +802,6 @@ class Backend:
 def server_for(profile, base_url: Optional[str] = None) -> Backend:
     """A server for this notebook: the one at `base_url`, else one started for the profile (by
     02_launch or `ktutorial serve --detach`), else a new one that `release()` stops."""
-    from ktutorial import bench, server
-    from ktutorial.client import resolve
-
     if base_url:
         url, model = resolve(base_url)
         backend = Backend(url, model, bench.detect_engine(url))
@@ -927,7 +898,6 @@ def plot_token_times(record: dict, out_dir: str | Path) -> list[Path]:
                  fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    from ktutorial.plots import save_figure
 
     return [save_figure(fig, figures_dir(out_dir) / "token_times.png")]
 
@@ -940,8 +910,6 @@ def plot_token_times(record: dict, out_dir: str | Path) -> list[Path]:
 def sweep_spec(profile, spec: Optional[str] = None, input_lens: Optional[Sequence[int]] = None,
                output_len: Optional[int] = None, repeats: Optional[int] = None):
     """The profile's sweep spec (or `spec`), with bench parameters overridden where given."""
-    from ktutorial import bench
-
     loaded = bench.load_sweep(spec or profile.sweep_spec)
     for key, value in (("input_lens", input_lens), ("output_len", output_len), ("repeats", repeats)):
         if value is not None:
@@ -954,8 +922,6 @@ def sweep_spec(profile, spec: Optional[str] = None, input_lens: Optional[Sequenc
 
 def knobs_table(spec) -> None:
     """The knobs a sweep varies, the values it tries, and what each flag trades (settings_schema)."""
-    from ktutorial.engines import sglang_kt
-
     why = {row["flag"]: row["why"] for row in sglang_kt.settings_schema()}
     values: dict[str, list] = {k: list(v) for k, v in spec.serve.items()}
     for combo in spec.combinations:
@@ -971,8 +937,6 @@ def knobs_table(spec) -> None:
 def published_for(profile) -> Optional[dict]:
     """The published figures when the profile serves the model they were measured on, else None
     (drawing MiniMax-M2.1's figures beside the tiny model's would compare nothing)."""
-    from ktutorial.report import load_published
-
     return load_published() if profile.model == "minimax-m2.1" else None
 
 
@@ -983,21 +947,15 @@ def sweep_plan_table(summary: dict) -> None:
 
 
 def _fmt(x: Optional[float]) -> str:
-    from ktutorial.report import fmt
-
     return fmt(x)
 
 
 def _mean(values: Iterable[Any]) -> Optional[float]:
-    from ktutorial.results import summarize
-
     return summarize(values)["mean"]
 
 
 def sweep_observations(records: Sequence[dict]) -> None:
     """For each knob of a sweep: decode and prefill at each value, and the best value, from records."""
-    from ktutorial.results import field
-
     bench = [r for r in records if r["kind"] == "bench" and field(r, "params.sweep")]
     failed = [r for r in records if r["kind"] == "sweep_failure"]
     if not bench:
@@ -1029,9 +987,6 @@ def sweep_observations(records: Sequence[dict]) -> None:
 def threads_observations(records: Sequence[dict]) -> None:
     """kt-kernel's decode by thread count on the device host: the best, the all-vCPU trap, and
     kt-cli's old default (0.8 × logical CPUs), from the committed records."""
-    from ktutorial import plots
-    from ktutorial.results import field
-
     kt = [r for r in records if r["kind"] == plots.KT_KIND and field(r, "phase") == "decode"]
     if not kt:
         _markdown("No kt-kernel records.")
@@ -1061,8 +1016,6 @@ def threads_observations(records: Sequence[dict]) -> None:
 
 def published_llamacpp_table() -> dict:
     """The published KT against llama.cpp figures (2 x RTX 5090 + EPYC 9355, 32768 in, 512 out), labelled."""
-    from ktutorial.report import load_published
-
     pub = load_published()
     rows = [{"published (KTransformers tutorial)": r["config"], "input tokens": r["input_len"],
              "prefill tok/s": r["prefill_tok_s"], "decode tok/s": r["decode_tok_s"]}
@@ -1084,9 +1037,6 @@ def published_llamacpp_table() -> dict:
 
 def comparison_observations(records: Sequence[dict]) -> None:
     """kt-kernel against llama.cpp through one M2.1-shape MoE layer, CPU only, from the device records."""
-    from ktutorial import plots
-    from ktutorial.results import field
-
     kt = [r for r in records if r["kind"] == plots.KT_KIND]
     ll = [r for r in records if r["kind"] == plots.LLAMACPP_KIND]
     if not kt or not ll:
@@ -1119,9 +1069,6 @@ def comparison_observations(records: Sequence[dict]) -> None:
 
 
 def _best_layer_tok_s(records: Sequence[dict], kind: str, phase: str) -> Optional[float]:
-    from ktutorial import plots
-    from ktutorial.results import field
-
     values = [plots.layer_tok_s(r) for r in records if r["kind"] == kind and field(r, "phase") == phase]
     values = [v for v in values if v]
     return max(values) if values else None
@@ -1134,8 +1081,6 @@ def plot_speedups(published: dict, records: Sequence[dict], out_dir: str | Path)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ktutorial import plots
 
     rows = published["llamacpp_comparison"]
     kt = next(r for r in rows if r["config"].startswith("KT"))
@@ -1164,15 +1109,12 @@ def plot_speedups(published: dict, records: Sequence[dict], out_dir: str | Path)
     ax.set_title("How much faster KT is: published beside measured", fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(True, axis="y", alpha=0.3)
-    from ktutorial.plots import save_figure
 
     return [save_figure(fig, figures_dir(out_dir) / "kt_vs_llamacpp_ratios.png")]
 
 
 def bench_observations(records: Sequence[dict]) -> None:
     """The tiny bench in two sentences: decode and prefill by input length, labelled."""
-    from ktutorial.report import bench_summary
-
     groups = bench_summary(records)
     if not groups:
         _markdown("No bench records.")
@@ -1217,15 +1159,12 @@ def plot_checks(checks: Sequence, out_dir: str | Path) -> list[Path]:
     ax.set_title("each part of a Claude Code request, replayed (green: works)", fontsize=9)
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(True, axis="x", alpha=0.3)
-    from ktutorial.plots import save_figure
 
     return [save_figure(fig, figures_dir(out_dir) / "claude_code_checks.png")]
 
 
 def claude_turn(prompt: str, backend: Backend, timeout_s: float = 120, **kwargs):
     """One real `claude -p` turn against the backend; without the CLI, say how to install it."""
-    from ktutorial import claude_code
-
     try:
         result = claude_code.run(prompt, backend.base_url, backend.model, timeout_s=timeout_s, **kwargs)
     except MissingDependency as exc:
@@ -1280,9 +1219,6 @@ def coverage_table(study: dict) -> None:
 
 def hybrid_observations(records: Sequence[dict]) -> None:
     """The measured `--kt-num-gpu-experts` trade-off at M2.1 layer shape, in sentences."""
-    from ktutorial import plots
-    from ktutorial.results import field
-
     hyb = [r for r in records if r["kind"] == plots.HYBRID_KIND]
     if not hyb:
         _markdown("No hybrid-layer records.")

@@ -58,9 +58,9 @@ import yaml
 from ktutorial import plan as plan_mod
 from ktutorial import results
 from ktutorial.errors import UserError
-from ktutorial.tables import fmt, markdown_table
 from ktutorial.results import field as rfield
 from ktutorial.spec import GB, ModelSpec
+from ktutorial.tables import fmt, markdown_table
 
 SYNTH_COMMAND = "bash results/gpu-host.sh OUT synth"
 PROMPT_LENGTHS = (2048, 8192, 32768)
@@ -281,10 +281,9 @@ def fit(records: Sequence[dict], spec: Optional[ModelSpec] = None, hardware: Opt
         gaps = [1000.0 * (b - a) for r in recs for a, b in zip(r["samples"].get("token_times_s", []),
                                                                 r["samples"].get("token_times_s", [])[1:])]
         gaps.sort()
-        q = (lambda f: gaps[min(len(gaps) - 1, int(f * len(gaps)))]) if gaps else (lambda f: float("nan"))
         engine_decode[n] = {"mean_ms": statistics.fmean(per_rec),
                             "stdev_ms": statistics.stdev(per_rec) if len(per_rec) > 1 else 0.0,
-                            "p10_ms": q(0.10), "p90_ms": q(0.90), "n": len(per_rec)}
+                            "p10_ms": _quantile(gaps, 0.10), "p90_ms": _quantile(gaps, 0.90), "n": len(per_rec)}
         for r, ms in zip(recs, per_rec):
             ctx = rfield(r, "input_len") + rfield(r, "output_len") / 2
             gpu_ms = 1e3 * (_lm_head_s(spec, host, 1) + layers * _attn_decode_s(spec, host, 1, ctx))
@@ -402,6 +401,13 @@ def host_machine(hostfit: HostFit, hardware: Optional[dict] = None) -> Machine:
 
 
 # ---- the terms --------------------------------------------------------------------------------------
+
+
+def _quantile(sorted_values: list[float], f: float) -> float:
+    """The f-quantile of an ascending list (nearest rank), NaN for an empty one."""
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(f * len(sorted_values)))]
 
 
 def _lm_head_s(spec: ModelSpec, m: Machine, tp: int) -> float:

@@ -13,6 +13,8 @@ from typing import Any, Iterable, Optional, Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+import dataclasses
+
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ktutorial import results  # noqa: E402
@@ -336,8 +338,6 @@ def _flatten_gb(obj: Any, prefix: str = "") -> dict[str, float]:
     if hasattr(obj, "model_dump"):
         obj = obj.model_dump()
     elif hasattr(obj, "__dataclass_fields__"):
-        import dataclasses
-
         obj = dataclasses.asdict(obj)
     out: dict[str, float] = {}
     if isinstance(obj, dict):

@@ -16,8 +16,11 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from ktutorial import perfmodel, results
+from ktutorial import perfmodel, plots, results, server
+from ktutorial.diagnose import diagnose
 from ktutorial.errors import UserError
+from ktutorial.plots import KT_KIND, LLAMACPP_KIND, best_threads, layer_tok_s
+from ktutorial.profiles import load_profile
 from ktutorial.results import field
 from ktutorial.tables import fmt, markdown_table, md_cell  # noqa: F401 (md_cell: callers import it from here)
 
@@ -172,8 +175,6 @@ def sweep_table(records: Sequence[dict]) -> str:
 
 def kernel_summary(records: Sequence[dict]) -> list[dict]:
     """kt-kernel runs by host, phase, token count and threads (medians of each run's calls)."""
-    from ktutorial.plots import KT_KIND
-
     kt = [r for r in records if r["kind"] == KT_KIND]
     return results.compare(
         kt, ["env.cpu_model", "shape", "phase", "tokens", "threads"],
@@ -185,8 +186,6 @@ def kernel_summary(records: Sequence[dict]) -> list[dict]:
 def kernel_table(records: Sequence[dict]) -> tuple[str, Optional[dict]]:
     """kt-kernel per thread count with its share of the host's measured bandwidth, the best
     thread count, and the CPU-only ceilings for 62 layers, per host."""
-    from ktutorial.plots import KT_KIND, best_threads
-
     kt = [r for r in records if r["kind"] == KT_KIND]
     if not kt:
         return "", None
@@ -241,8 +240,6 @@ def _host_of(rec: dict) -> str:
 
 def llamacpp_table(records: Sequence[dict]) -> str:
     """llama.cpp and kt-kernel through one layer at the same threads, and their ratio."""
-    from ktutorial.plots import KT_KIND, LLAMACPP_KIND, layer_tok_s
-
     llama = [r for r in records if r["kind"] == LLAMACPP_KIND]
     if not llama:
         return ""
@@ -314,7 +311,6 @@ def engine_log_table(records: Sequence[dict]) -> str:
     logs = [r for r in records if r["kind"] == "engine_log"]
     if not logs:
         return ""
-    from ktutorial.diagnose import diagnose
 
     rows = []
     for r in logs:
@@ -340,8 +336,6 @@ def engine_vs_kernel_table(records: Sequence[dict]) -> str:
     kt-kernel alone at the same threads, in one run (bench records of a synthetic checkpoint
     beside kt_kernel_moe records). The engine figure includes every per-step cost (scheduler,
     attention, sampling), spread over the layers."""
-    from ktutorial.plots import KT_KIND
-
     bench = [r for r in results.filter_records(records, kind="bench") if r["env"].get("model_layers")]
     kernel = [r for r in records if r["kind"] == KT_KIND and field(r, "shape") == "m2.1"]
     if not bench or not kernel:
@@ -423,8 +417,6 @@ def write_report(
 ) -> list[Path]:
     """Write report.md, summary.json and the PNG charts for the records in `paths`; return the
     files written. `memory`: a planner memory breakdown to chart (ktutorial.plan's Plan.memory)."""
-    from ktutorial import plots
-
     records = results.load_records(*paths)
     if not records:
         raise UserError(f"no records in {', '.join(map(str, paths))}: run `ktutorial bench --out FILE` first")
@@ -532,9 +524,6 @@ def write_report(
 def planned_memory(profile_name: str) -> tuple[Any, str]:
     """The planner's memory breakdown for MiniMax-M2.1 on a profile's machine (its described
     hardware, else this machine): the tiny profile plans M2.1 for the GPU machine it describes."""
-    from ktutorial import server
-    from ktutorial.profiles import load_profile
-
     prof = load_profile(profile_name)
     model = prof.model if prof.model != "tiny" else "minimax-m2.1"
     plan = server.plan_for_profile(prof, model=model)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import psutil
 
-from ktutorial import hardware
+from ktutorial import __version__, hardware
 from ktutorial.errors import UserError
 
 SCHEMA = "ktutorial.record/1"
@@ -156,8 +156,6 @@ def _os_name() -> str:
 @functools.lru_cache(maxsize=1)
 def _static_stamp() -> dict[str, Any]:
     """What does not change during a process: computed once (nvidia-smi and git cost time)."""
-    from ktutorial import __version__
-
     stamp: dict[str, Any] = {"ktutorial_version": __version__}
     stamp.update(_git())
     stamp.update(

@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from ktutorial import client, ktkernel, server, tiny
 from ktutorial.fp8 import rel_err
 
 # kt-kernel's FP8 in bf16 activations lands near 5e-3 (FACTS); 1e-2 leaves room, zeros fail.
@@ -22,8 +25,6 @@ KT_REL_ERR_LIMIT = 1e-2
 
 def _kt_kernel_check(tiny_model, threads: int) -> dict[str, Any]:
     import torch
-
-    from ktutorial import ktkernel
 
     spec = tiny_model.spec
     variant = ktkernel.cpu_variant()
@@ -59,10 +60,6 @@ def _kt_kernel_check(tiny_model, threads: int) -> dict[str, Any]:
 
 
 def _llamacpp_check(tiny_model, threads: int) -> dict[str, Any]:
-    import psutil
-
-    from ktutorial import client, server, tiny
-
     launch = server.llamacpp_launch(tiny_model.gguf_path, tiny_model.served_model_name, threads=threads)
     expected = tiny.ANSWER_TEXT["plain"]
     result: dict[str, Any] = {"expected_answer": expected}
@@ -82,8 +79,6 @@ def _llamacpp_check(tiny_model, threads: int) -> dict[str, Any]:
 
 def run(threads: int = 2) -> dict[str, Any]:
     """The selftest report; `ok` is True only if every check passed."""
-    from ktutorial import tiny
-
     start = time.perf_counter()
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ktutorial-selftest-") as tmp:

@@ -19,23 +19,29 @@ from __future__ import annotations
 import atexit
 import datetime as _dt
 import errno
+import importlib.util
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import httpx
 import psutil
 
-from ktutorial import paths
-from ktutorial.diagnose import GPU_INSTALL
+from ktutorial import paths, tiny
+from ktutorial.diagnose import GPU_INSTALL, diagnose
+from ktutorial.doctor import plan_for
+from ktutorial.engines import llamacpp, sglang_kt
 from ktutorial.errors import MissingDependency, UserError
+from ktutorial.profiles import Profile, load_profile
 from ktutorial.shell import command_line
 
 HOST = "127.0.0.1"
@@ -290,8 +296,6 @@ def _exit_on_sigterm() -> None:
     """Python's default SIGTERM ends the process without running atexit, which would orphan
     the servers it started; turn SIGTERM into SystemExit so _stop_at_exit runs. Only where no
     one else has claimed the signal, and only from the main thread (signal's own rule)."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
@@ -447,8 +451,6 @@ class Server:
         return _tail(self.log_path, lines)
 
     def diagnoses(self, returncode: Optional[int] = None) -> list:
-        from ktutorial.diagnose import diagnose
-
         text = _tail(self.log_path, 400)
         return diagnose(text, plan=self.launch.plan, returncode=returncode, command=self.launch.command)
 
@@ -569,8 +571,6 @@ def stop(target: Union["Server", dict, None] = None) -> None:
 
 
 def _profile(obj) -> Any:
-    from ktutorial.profiles import Profile, load_profile
-
     if isinstance(obj, Profile):
         return obj
     return load_profile(str(obj))
@@ -595,8 +595,6 @@ def llamacpp_launch(
     dry_run: bool = False,
 ) -> Launch:
     """The Launch for llama.cpp serving one GGUF (xllamacpp child, or `llama_server`)."""
-    from ktutorial.engines import llamacpp
-
     binary = llamacpp.find_llama_server(llama_server) if llama_server else None
     if binary is None and not dry_run:
         llamacpp.require_xllamacpp()
@@ -641,8 +639,6 @@ def sglang_launch(
     dry_run: bool = False,
 ) -> Launch:
     """The Launch for SGLang + KT from a Plan (engines/sglang_kt.py renders and validates it)."""
-    from ktutorial.engines import sglang_kt
-
     overrides = dict(overrides or {})
     chosen_port = port if port is not None else (DEFAULT_PORTS["sglang-kt"] if dry_run else free_port())
     overrides.setdefault("host", HOST)
@@ -659,7 +655,6 @@ def sglang_launch(
         if model_path and not Path(model_path).is_dir():
             raise UserError(f"model folder {model_path} not found: fetch it with "
                             f"`ktutorial download --model {plan.spec.name} --local-dir {model_path}`")
-        import importlib.util
 
         if command[0] == sys.executable and importlib.util.find_spec("sglang") is None:
             raise MissingDependency(
@@ -731,8 +726,6 @@ def prepare(
         )
     if prof.engine == "llamacpp":
         if prof.model == "tiny":
-            from ktutorial import tiny
-
             model_path = tiny.ensure(prof.seed).gguf_path
         elif prof.model_dir:
             model_path = Path(os.path.expanduser(prof.model_dir))
@@ -778,10 +771,6 @@ def plan_for_profile(prof, **plan_options):
     (`doctor.plan_for`): a machine described by the options (--gpu, --ram-gb, ...), else the
     profile's described_hardware, else this machine. The profile gives the model folder and
     the context goal unless the options do."""
-    from dataclasses import replace as _replace
-
-    from ktutorial.doctor import plan_for
-
     opts = {k: v for k, v in plan_options.items() if v is not None}
     opts.setdefault("model", prof.model)
     if prof.context_tokens:
@@ -792,8 +781,6 @@ def plan_for_profile(prof, **plan_options):
     # The tiny's own folder only when the tiny is what is planned: notebooks plan MiniMax-M2.1 for a
     # tiny profile's machine too (`model="minimax-m2.1"`), from the shipped config.
     if opts["model"] == "tiny" and not model_dir:
-        from ktutorial import tiny
-
         model_dir = str(tiny.ensure(prof.seed).hf_dir)
     present = bool(model_dir) and Path(os.path.expanduser(model_dir)).is_dir()
     plan = plan_for(model_dir=model_dir if present else None, **opts)

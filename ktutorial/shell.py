@@ -14,6 +14,7 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
+
 def quote_arg(arg: str) -> str:
     """One argument of a command line: `python` for an interpreter, `~/` left to the shell."""
     if arg == sys.executable or (os.path.isabs(arg) and re.fullmatch(r"python[0-9.]*", os.path.basename(arg))):

@@ -13,6 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 GB = 10**9
 
 # The fields a MiniMax-M2 config must carry for the arithmetic below.
@@ -267,8 +269,6 @@ def quantization_mismatches(model_dir: str | Path) -> list[str]:
     """Every linear weight of a checkpoint folder against its config.json: FP8 with a
     `weight_scale_inv` exactly where the config says so, unquantized without one elsewhere.
     Returns the mismatches in words (empty: the config tells the truth). Reads headers only."""
-    from safetensors import safe_open
-
     spec = ModelSpec.from_dir(model_dir)
     index = json.loads((Path(model_dir) / "model.safetensors.index.json").read_text())["weight_map"]
     dtypes: dict[str, str] = {}

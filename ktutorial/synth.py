@@ -35,6 +35,7 @@ another thread writes the previous one: peak memory is about two shards.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -245,10 +246,18 @@ def _code_values() -> np.ndarray:
     return torch.from_numpy(codes).view(torch.float8_e4m3fn).float().numpy()
 
 
-CODE_STD = float(np.sqrt(np.mean(_code_values().astype(np.float64) ** 2)))
+@functools.cache
+def code_std() -> float:
+    """RMS of the code values (computed once, when a checkpoint is first written: it needs torch)."""
+    return float(np.sqrt(np.mean(_code_values().astype(np.float64) ** 2)))
+
+
 # E[exp(2u)] for u ~ U(-s, s): the block scales' spread adds this to the variance.
 _SPREAD_GAIN = math.sqrt(math.sinh(2 * SCALE_SPREAD) / (2 * SCALE_SPREAD))
-SCALE_BASE = WEIGHT_STD / (CODE_STD * _SPREAD_GAIN)
+
+
+def scale_base() -> float:
+    return WEIGHT_STD / (code_std() * _SPREAD_GAIN)
 
 
 def _fill_codes(dst: np.ndarray, seed: int, name: str) -> list:
@@ -268,7 +277,7 @@ def _fill_codes(dst: np.ndarray, seed: int, name: str) -> list:
 def _block_scales(seed: int, name: str, shape: tuple[int, int]) -> np.ndarray:
     rng = np.random.default_rng(_stream(seed, name, 1))
     u = rng.uniform(-SCALE_SPREAD, SCALE_SPREAD, shape)
-    return (SCALE_BASE * np.exp(u)).astype(np.float32)
+    return (scale_base() * np.exp(u)).astype(np.float32)
 
 
 def _router_bias(seed: int, name: str, experts: int, routing: str) -> np.ndarray:
@@ -309,7 +318,7 @@ def _materialize(shard: list[_Entry], seed: int, routing: str, pool: ThreadPoolE
     list(pool.map(lambda t: t(), tasks))
     for name, codes in post:
         # bf16 = code value x one scale: std WEIGHT_STD without per-block spread.
-        scale = WEIGHT_STD / CODE_STD
+        scale = WEIGHT_STD / code_std()
         t = torch.empty(codes.shape, dtype=torch.bfloat16)
         rows = max(1, CHUNK_BYTES // codes.shape[1])
 

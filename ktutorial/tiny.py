@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from ktutorial import paths
@@ -759,8 +760,6 @@ def _write_hf(hf: Path, vocab: Vocab, w: dict[str, np.ndarray], fp8: dict) -> No
 
 
 def _write_gguf(path: Path, vocab: Vocab, deq: dict[str, np.ndarray]) -> None:
-    import gguf
-
     path.parent.mkdir(parents=True)
     arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MINIMAXM2]
     wr = gguf.GGUFWriter(str(path), arch)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from ktutorial import hybrid as hy
-from ktutorial.fp8 import dequantize_block
 from ktutorial.errors import UserError
+from ktutorial.fp8 import dequantize_block
 
 N_TOKENS = 32
 
@@ -145,7 +145,7 @@ def test_hybrid_agrees_with_transformers_for_0_some_and_all_gpu_experts(loaded, 
     splits = _by_split(report)
     assert set(splits) == set(hy.agreement_splits(h.num_experts))
     assert len(splits) >= 3 and 0 in splits and h.num_experts in splits
-    for n, c in splits.items():
+    for c in splits.values():
         assert c.positions == N_TOKENS
         assert c.token_matches == N_TOKENS, c.row()
         assert c.argmax_matches == N_TOKENS, c.row()

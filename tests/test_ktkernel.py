@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ktutorial import ktkernel  # noqa: E402
-from ktutorial.fp8 import rel_err  # noqa: E402
 from ktutorial.errors import MissingDependency, UserError  # noqa: E402
+from ktutorial.fp8 import rel_err  # noqa: E402
 
 LAYER = 1
 TOKENS = 40  # more than CHUNK: the forward must slice into chunks

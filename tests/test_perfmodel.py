@@ -131,7 +131,7 @@ def test_report_section_is_empty_without_the_records():
 
 
 def test_predict_plan_for_a_described_machine():
-    from ktutorial.plan import make_plan, published_hardware, PUBLISHED_RUNS, Goals
+    from ktutorial.plan import PUBLISHED_RUNS, Goals, make_plan, published_hardware
     from ktutorial.spec import ModelSpec
 
     spec = ModelSpec.known("minimax-m2.1")

@@ -29,7 +29,7 @@ def _plans() -> dict[str, planning.Plan]:
     from ktutorial.profiles import load_profile
 
     plans = {}
-    for i, run in enumerate(planning.PUBLISHED_RUNS):
+    for run in planning.PUBLISHED_RUNS:
         hw = planning.published_hardware(run)
         plans[f"planner {run['run']}"] = make_plan(SPEC, hw, Goals(context_tokens=80000))
         plans[f"published {run['run']}"] = make_plan(

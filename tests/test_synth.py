@@ -18,8 +18,8 @@ safetensors = pytest.importorskip("safetensors")
 from safetensors import safe_open  # noqa: E402
 
 from ktutorial import synth  # noqa: E402
-from ktutorial.fp8 import dequantize_block  # noqa: E402
 from ktutorial.errors import UserError  # noqa: E402
+from ktutorial.fp8 import dequantize_block  # noqa: E402
 from ktutorial.spec import ModelSpec, known_model  # noqa: E402
 
 REAL = known_model("minimax-m2.1")["config"]

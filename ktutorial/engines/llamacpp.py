@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Optional
 
@@ -152,8 +153,6 @@ def require_xllamacpp() -> None:
 
 def xllamacpp_version() -> Optional[str]:
     try:
-        from importlib.metadata import version
-
         return version("xllamacpp")
     except Exception:
         return None

@@ -15,6 +15,7 @@ Readiness and log diagnosis live in server.py and diagnose.py.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,9 +27,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import httpx
+from tokenizers import Tokenizer
 
 from ktutorial.engines.http import EngineAPI, RequestTiming
-from ktutorial.errors import UserError
+from ktutorial.errors import MissingDependency, UserError
 from ktutorial.shell import command_line  # noqa: F401  (sglang_kt.command_line: docs.py renders through it)
 
 ENTRY = ["-m", "sglang.launch_server"]
@@ -467,8 +469,6 @@ print(json.dumps({"results": results, "flags": flags}, default=str))
 def default_parser_python() -> Path:
     """This interpreter where sglang-kt itself is installed (a GPU machine); else the parser venv
     `make sglang-parser-env` builds in the repository root."""
-    import importlib.util
-
     if importlib.util.find_spec("sglang") is not None:
         return Path(sys.executable)
     return Path(__file__).resolve().parents[2] / ".venv-sglang" / "bin" / "python"
@@ -481,8 +481,6 @@ def check_with_real_parser(commands: Sequence[Sequence[str]], python: Optional[s
     Returns {"results": [{"ok", "values" | "error"}...], "flags": {option: {choices, dest, ...}}}.
     Raises MissingDependency when the parser venv is not built.
     """
-    from ktutorial.errors import MissingDependency
-
     exe = Path(python) if python else default_parser_python()
     if not exe.exists():
         raise MissingDependency("sglang-kt's argument parser (.venv-sglang)", "run `make sglang-parser-env`")
@@ -537,7 +535,6 @@ class SGLangAPI(EngineAPI):
                     f"{self.base_url} has no /tokenize route: pass tokenizer_path (the model folder) "
                     "so prompts can be built with the model's own tokenizer"
                 )
-            from tokenizers import Tokenizer
 
             self._local_tokenizer = Tokenizer.from_file(str(Path(self.tokenizer_path) / "tokenizer.json"))
         return self._local_tokenizer.encode(text, add_special_tokens=False).ids
