@@ -189,28 +189,7 @@ def plan_cmd(
         print_json({**plan.as_dict(), "command": command, "env": env,
                     "shell": sglang_kt.command_line(command, env) if command else None, "predicted": predicted})
     else:
-        console.print(f"[bold]{plan.spec.name}[/] on {plan.hardware.label()} ({plan.hardware.source})", highlight=False)
-        table = Table("flag", "value", "why", title="launch settings")
-        for flag, s in plan.settings.items():
-            table.add_row(f"--{flag}", str(s.value) + (" (yours)" if s.source == "you" else ""), s.reason)
-        console.print(table)
-        gpu_mem = plan.memory["gpu"]
-        mem = Table("per GPU", "GiB", title=f"VRAM per GPU (TP {gpu_mem['tp']}, {gpu_mem['kv_pool_tokens']:,}-token KV pool)")
-        for part, value in gpu_mem["per_gpu_gib"].items():
-            mem.add_row(part.replace("_", " "), f"{value:.2f}")
-        mem.add_row("[bold]needed[/]", f"[bold]{gpu_mem['needed_gib']:.2f}[/] of {gpu_mem['capacity_gib']:g}")
-        host = Table("host", "GB", title="host RAM")
-        for part, value in plan.memory["host"]["parts_gb"].items():
-            host.add_row(part.replace("_", " "), f"{value:.1f}")
-        host.add_row("[bold]needed[/]", f"[bold]{plan.memory['host']['needed_gb']:.1f}[/] of {plan.hardware.ram_gb:.0f}")
-        console.print(mem)
-        console.print(host)
-        color = "green" if plan.fits else "red"
-        console.print(f"verdict: [bold {color}]{plan.verdict}[/]", highlight=False)
-        for reason in plan.reasons:
-            console.print(f"  - {reason}", highlight=False, soft_wrap=True)
-        for note in plan.notes:
-            console.print(f"  note: {note}", highlight=False, soft_wrap=True)
+        console.print(plan)
         if predicted["available"]:
             cells = ", ".join(f"{n}: {p['prefill_tok_s']:.0f} / {p['decode_tok_s']:.1f}" for n, p in predicted["by_prompt_len"].items())
             console.print(f"predicted prefill / decode tok/s by prompt length: {cells} ({predicted['note']})",
@@ -304,15 +283,8 @@ def verify_cmd(
 
 # ==== section: serve and talk (serve, stop, status, chat) ==================================
 def _print_launch(launch) -> None:
-    plan = launch.plan
-    if plan is not None:
-        console.print(f"[bold]{plan.spec.name}[/] on {plan.hardware.label()} ({plan.hardware.source})", highlight=False)
-        color = "green" if plan.fits else "red"
-        console.print(f"verdict: [bold {color}]{plan.verdict}[/]", highlight=False)
-        for reason in plan.reasons:
-            console.print(f"  - {reason}", highlight=False, soft_wrap=True)
-        for flag, setting in plan.settings.items():
-            console.print(f"  --{flag} {setting.value}: {setting.reason}", highlight=False, soft_wrap=True)
+    if launch.plan is not None:
+        console.print(launch.plan)
     console.print(f"[bold]{launch.engine}[/] command (served as {launch.model!r}):", highlight=False)
     print(launch.shell())
 

@@ -176,13 +176,13 @@ def numbers(plan: Any = None, command: Optional[list[str]] = None, match: Option
     if port:
         out["port"] = port
 
-    # plan.py's flat summary keys: GPU memory in GiB (as cards are sold), host RAM in GB.
-    gpu_need = _num(_get(memory, "gpu_needed_gib"))
-    gpu_have = _num(_get(memory, "gpu_capacity_gib"))
+    # GPU memory in GiB (as cards are sold), host RAM in GB.
+    gpu_need = _num(_get(_get(memory, "gpu"), "needed_gib"))
+    gpu_have = _num(_get(_get(memory, "gpu"), "capacity_gib"))
     if gpu_need is not None and gpu_have:
         out["gpu_estimate"] = f" The plan estimated {gpu_need:.1f} of {gpu_have:.1f} GiB of GPU memory per GPU."
-    ram_need = _num(_get(memory, "ram_needed_gb"))
-    ram_have = _num(_get(memory, "ram_available_gb"))
+    ram_need = _num(_get(_get(memory, "host"), "needed_gb"))
+    ram_have = _num(_get(_get(memory, "host"), "available_gb"))
     if ram_need is not None and ram_have:
         out["ram_estimate"] = f" The plan estimated {ram_need:.0f} GB of host RAM needed, {ram_have:.0f} GB present."
     elif ram_need is not None:

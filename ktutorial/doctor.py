@@ -395,7 +395,7 @@ def doctor(disk_path: str | os.PathLike = ".", model: str = "minimax-m2.1",
         found = f"{machine.gpu_count} x {g.name} ({machine.gpu_memory_gib:g} GiB), driver {g.driver or 'unknown'}"
         vram_ok = not any(r.startswith("VRAM") for r in plan.reasons) or plan.fits
         checks.append(Check("NVIDIA GPU and driver", "ok" if vram_ok else "missing", found,
-                            f"{mem['gpu_needed_gib']:.1f} GiB per GPU for a {context_tokens:,}-token context",
+                            f"{mem.gpu.needed_gib:.1f} GiB per GPU for a {context_tokens:,}-token context",
                             "" if vram_ok else "see `ktutorial plan` for the settings that fit; a 32 GB card "
                                                "(RTX 5090) or two"))
         if g.sm is not None and g.sm < 89:
@@ -414,11 +414,11 @@ def doctor(disk_path: str | os.PathLike = ".", model: str = "minimax-m2.1",
         checks.append(Check("AVX512 CPU", "missing", f"{machine.cpu_model}: no AVX512, kt-kernel build {variant}",
                             "AVX512 (Intel Sapphire Rapids or newer, AMD Zen 4 or newer)",
                             "run the real model on an AVX512 server; here kt-kernel's AVX2 build serves the tiny model"))
-    ram_need = mem["ram_needed_gb"]
+    ram_need = mem.host.needed_gb
     checks.append(Check("RAM", "ok" if machine.ram_gb >= ram_need else "missing", f"{machine.ram_gb:.0f} GB",
                         f"{ram_need:.0f} GB (all {spec.num_experts * spec.num_layers:,} experts stay in RAM)",
                         "" if machine.ram_gb >= ram_need else "a machine with 256 GB of RAM or more"))
-    disk_need = mem["disk_needed_gb"]
+    disk_need = mem.disk.needed_gb
     free = machine.disk_free_gb
     checks.append(Check("disk", "ok" if free is not None and free >= disk_need else "missing",
                         f"{free:.0f} GB free at {machine.disk_path}" if free is not None else "unknown",

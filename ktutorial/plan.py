@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, InstanceOf, computed_field
 
 from ktutorial.engines import sglang_kt
 from ktutorial.errors import UserError
 from ktutorial.hardware import GB, GIB, Hardware
 from ktutorial.spec import BF16_BYTES, ModelSpec, known_model, known_models
+from ktutorial.tables import Markdown, bullets, cell, join, markdown_table
 
 # ---- constants of the memory model (each an estimate; why in the comment) ------------------------
 
@@ -85,11 +88,14 @@ class PlanError(UserError):
     refused earlier by sglang_kt.coerce_overrides, as a SettingsError."""
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(BaseModel):
+    """One launch setting: its value, why, and who chose it."""
+
+    model_config = ConfigDict(frozen=True)
+
     value: Any
     reason: str
-    source: str = "planner"  # "planner", or "you" for a --set override
+    source: Literal["planner", "you"] = "planner"  # "you": a --set override
 
 
 @dataclass
@@ -106,14 +112,134 @@ class Goals:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class Plan:
-    spec: ModelSpec
-    hardware: Hardware
-    goals: Goals
+# ---- the memory breakdown: typed, each number once ------------------------------------------------
+
+
+class _Breakdown(BaseModel):
+    """Frozen, refuses unknown fields, and reads like the dict it replaced (`memory["gpu"]["tp"]`
+    gives the field; a nested part comes back as a plain dict), so code written against that dict
+    keeps working while new code uses the attributes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            value = getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+        return value.model_dump() if isinstance(value, BaseModel) else value
+
+    def items(self):
+        """(part, amount) pairs, in the order they stack."""
+        return self.model_dump().items()
+
+
+class GpuParts(_Breakdown):
+    """Where each GPU's memory goes, GiB per GPU, in the order sglang allocates it."""
+
+    framework_static: float
+    dense_weights: float
+    gpu_experts: float
+    kv_cache: float
+    layerwise_prefill_layer: float
+    kt_staging_buffer: float
+    activations: float
+    runtime_reserve: float
+    planning_margin: float
+
+
+class GpuMemory(_Breakdown):
+    per_gpu_gib: GpuParts
+    capacity_gib: float
+    gpus: int
+    tp: int
+    static_gib: float  # what --mem-fraction-static holds: weights, GPU experts and the KV pool
+    outside_static_gib: float  # the rest of the card: prefill buffers, layerwise layer, CUDA graphs
+    kv_pool_tokens: int
+    kv_cache_dtype: str
+    kv_bytes_per_token_per_gpu: int
+    gib_per_gpu_expert: float
+    max_gpu_experts_at_context: int
+    context_tokens: int
+    chunked_prefill_size: int
+
+    @computed_field
+    @property
+    def needed_gib(self) -> float:
+        return round(sum(self.per_gpu_gib.model_dump().values()), 2)
+
+
+class HostParts(_Breakdown):
+    """Host RAM, GB."""
+
+    experts: float
+    kt_kernel_buffers: float
+    sglang_processes: float
+    os_reserve: float
+
+
+class HostMemory(_Breakdown):
+    parts_gb: HostParts
+    available_gb: float
+
+    @computed_field
+    @property
+    def needed_gb(self) -> float:
+        return round(sum(self.parts_gb.model_dump().values()), 1)
+
+
+class DiskNeed(_Breakdown):
+    needed_gb: float
+    free_gb: Optional[float]  # None: a described machine (not checked)
+    path: Optional[str]
+    checkpoint_present: bool
+
+
+class MemoryBreakdown(_Breakdown):
+    """Where every GiB of each GPU and every GB of host RAM and disk goes."""
+
+    gpu: GpuMemory
+    host: HostMemory
+    disk: DiskNeed
+
+    # The old dict's flat summary keys, read from the parts (not stored twice).
+    @property
+    def gpu_needed_gib(self) -> float:
+        return self.gpu.needed_gib
+
+    @property
+    def gpu_capacity_gib(self) -> float:
+        return self.gpu.capacity_gib
+
+    @property
+    def ram_needed_gb(self) -> float:
+        return self.host.needed_gb
+
+    @property
+    def ram_available_gb(self) -> float:
+        return self.host.available_gb
+
+    @property
+    def disk_needed_gb(self) -> float:
+        return self.disk.needed_gb
+
+    @property
+    def disk_free_gb(self) -> Optional[float]:
+        return self.disk.free_gb
+
+
+class Plan(BaseModel):
+    """Launch settings (flag -> value and reason), the memory breakdown, and the verdict with its
+    reasons. Shows itself: a notebook renders it as markdown, the CLI with rich."""
+
+    model_config = ConfigDict(frozen=True)
+
+    spec: InstanceOf[ModelSpec]
+    hardware: InstanceOf[Hardware]
+    goals: InstanceOf[Goals]
     settings: dict[str, Setting]
-    memory: dict[str, Any]
-    verdict: str
+    memory: MemoryBreakdown
+    verdict: Literal["fits", "does-not-fit"]
     reasons: list[str]
     notes: list[str]
     cpu_variant: str
@@ -134,6 +260,13 @@ class Plan:
         """This plan with more overrides (what render_command calls for a memory flag)."""
         return replan(self, overrides)
 
+    def with_setting(self, flag: str, value: Any) -> Plan:
+        """The same plan with one setting's value replaced, its reason kept (a model folder that is
+        not on this machine yet, say)."""
+        settings = dict(self.settings)
+        settings[flag] = settings[flag].model_copy(update={"value": value})
+        return self.model_copy(update={"settings": settings})
+
     def values(self) -> dict[str, Any]:
         """flag -> value, in launch order."""
         return {flag: s.value for flag, s in self.settings.items()}
@@ -147,11 +280,38 @@ class Plan:
             "settings": self.values(),
             "setting_reasons": {flag: s.reason for flag, s in self.settings.items()},
             "overridden": [flag for flag, s in self.settings.items() if s.source == "you"],
-            "memory": self.memory,
+            "memory": self.memory.model_dump(),
             "hardware": self.hardware.to_dict(),
             "cpu_variant": self.cpu_variant,
             "cpu_variant_cost": self.cpu_variant_cost,
         }
+
+    def markdown(self) -> Markdown:
+        """The plan as one markdown text: verdict and reasons, settings, where the memory goes."""
+        gpu, host = self.memory.gpu, self.memory.host
+        settings = markdown_table(["flag", "value", "why this value"], (
+            [f"`--{flag}`", cell(s.value) + (" (yours)" if s.source == "you" else ""), s.reason]
+            for flag, s in self.settings.items()))
+        vram = markdown_table(["per GPU", "GiB"], [
+            *([part.replace("_", " "), f"{gib:.2f}"] for part, gib in gpu.per_gpu_gib.items()),
+            ["**needed**", f"**{gpu.needed_gib:.2f}** of {gpu.capacity_gib:g}"]])
+        ram = markdown_table(["host", "GB"], [
+            *([part.replace("_", " "), f"{gb:.1f}"] for part, gb in host.parts_gb.items()),
+            ["**needed**", f"**{host.needed_gb:.1f}** of {host.available_gb:.0f}"]])
+        return join(
+            f"**{self.spec.name}** on {self.hardware.label()} ({self.hardware.source}); verdict: **{self.verdict}**",
+            bullets(self.reasons),
+            bullets(f"note: {n}" for n in self.notes),
+            "**Launch settings**", settings,
+            f"**VRAM per GPU** (TP {gpu.tp}, {gpu.kv_pool_tokens:,}-token KV pool)", vram,
+            "**Host RAM**", ram,
+        )
+
+    def _repr_markdown_(self) -> str:
+        return str(self.markdown())
+
+    def __rich__(self):
+        return self.markdown().__rich__()
 
 
 # ---- sizes ------------------------------------------------------------------------------------
@@ -280,9 +440,9 @@ def make_plan(spec: ModelSpec, hardware: Hardware, goals: Optional[Goals] = None
 
     def put(flag: str, value: Any, reason: str) -> None:
         if flag in ov:
-            settings[flag] = Setting(ov[flag], f"set by you (planner: {value!r}: {reason})", "you")
+            settings[flag] = Setting(value=ov[flag], reason=f"set by you (planner: {value!r}: {reason})", source="you")
         else:
-            settings[flag] = Setting(value, reason)
+            settings[flag] = Setting(value=value, reason=reason)
 
     default_dir, default_name = _default_paths(spec)
     model_dir = goals.model_dir or default_dir
@@ -513,7 +673,7 @@ def make_plan(spec: ModelSpec, hardware: Hardware, goals: Optional[Goals] = None
     if hw.numa_ids != tuple(range(hw.numa_nodes)):
         put("kt-numa-nodes", list(hw.numa_ids), "the NUMA nodes that have CPUs are not numbered 0..N-1: name them")
     elif "kt-numa-nodes" in ov:
-        settings["kt-numa-nodes"] = Setting(ov["kt-numa-nodes"], "set by you", "you")
+        settings["kt-numa-nodes"] = Setting(value=ov["kt-numa-nodes"], reason="set by you", source="you")
     put("kt-num-gpu-experts", n_experts,
         f"the most experts per layer that fit beside the KV cache: each costs {gib(per_expert):.2f} GiB per GPU "
         f"({spec.num_layers} layers x {spec.expert_bytes / 1e6:.1f} MB / TP {tp}) and takes 1/{spec.num_experts} "
@@ -564,40 +724,28 @@ def make_plan(spec: ModelSpec, hardware: Hardware, goals: Optional[Goals] = None
         "results/gpu-host-2026-12-04-tiny-sglang.jsonl, claude_check 'thinking')")
     for flag, value in ov.items():  # overrides the planner does not compute pass through
         if flag not in settings:
-            settings[flag] = Setting(value, "set by you", "you")
+            settings[flag] = Setting(value=value, reason="set by you", source="you")
 
-    memory = {
-        "gpu": {
-            "per_gpu_gib": {k: round(gib(v), 3) for k, v in gpu_parts.items()},
-            "needed_gib": round(gib(gpu_needed), 2),
-            "capacity_gib": hw.gpu_memory_gib,
-            "gpus": hw.gpu_count,
-            "tp": tp,
-            "static_gib": round(gib(static_fixed + experts_bytes + kv_bytes), 2),
-            "outside_static_gib": round(gib(max(0.0, outside or 0.0)), 2),
-            "kv_pool_tokens": pool_tokens,
-            "kv_cache_dtype": kv_flag,
-            "kv_bytes_per_token_per_gpu": round(kv_tok),
-            "gib_per_gpu_expert": round(gib(per_expert), 4),
-            "max_gpu_experts_at_context": max_experts_at_context,
-            "context_tokens": context,
-            "chunked_prefill_size": chunk,
-        },
-        "host": {
-            "parts_gb": {k: round(v, 2) for k, v in host_parts.items()},
-            "needed_gb": round(ram_needed, 1),
-            "available_gb": hw.ram_gb,
-        },
-        "disk": {"needed_gb": round(disk_needed, 1), "free_gb": hw.disk_free_gb, "path": hw.disk_path,
-                 "checkpoint_present": goals.checkpoint_present},
-        # flat summary keys (tables, the launch-failure diagnosis)
-        "gpu_needed_gib": round(gib(gpu_needed), 2),
-        "gpu_capacity_gib": hw.gpu_memory_gib,
-        "ram_needed_gb": round(ram_needed, 1),
-        "ram_available_gb": hw.ram_gb,
-        "disk_needed_gb": round(disk_needed, 1),
-        "disk_free_gb": hw.disk_free_gb,
-    }
+    memory = MemoryBreakdown(
+        gpu=GpuMemory(
+            per_gpu_gib=GpuParts(**{k: round(gib(v), 3) for k, v in gpu_parts.items()}),
+            capacity_gib=hw.gpu_memory_gib,
+            gpus=hw.gpu_count,
+            tp=tp,
+            static_gib=round(gib(static_fixed + experts_bytes + kv_bytes), 2),
+            outside_static_gib=round(gib(max(0.0, outside or 0.0)), 2),
+            kv_pool_tokens=pool_tokens,
+            kv_cache_dtype=kv_flag,
+            kv_bytes_per_token_per_gpu=round(kv_tok),
+            gib_per_gpu_expert=round(gib(per_expert), 4),
+            max_gpu_experts_at_context=max_experts_at_context,
+            context_tokens=context,
+            chunked_prefill_size=chunk,
+        ),
+        host=HostMemory(parts_gb=HostParts(**{k: round(v, 2) for k, v in host_parts.items()}), available_gb=hw.ram_gb),
+        disk=DiskNeed(needed_gb=round(disk_needed, 1), free_gb=hw.disk_free_gb, path=hw.disk_path,
+                      checkpoint_present=goals.checkpoint_present),
+    )
     notes.append(f"kt-kernel build for these CPU flags: {variant}: {hw.cpu_variant_cost}")
     return Plan(
         spec=spec, hardware=hw, goals=goals, settings=settings, memory=memory,
@@ -679,8 +827,8 @@ def published_runs_comparison(spec: Optional[ModelSpec] = None) -> list[dict[str
             "capacity_gib": hw.gpu_memory_gib,
             "planner": {f: planned.settings[f].value for f in COMPARED_FLAGS if f in planned.settings},
             "planner_verdict": planned.verdict,
-            "planner_gpu_gib": planned.memory["gpu_needed_gib"],
-            "planner_ram_gb": planned.memory["ram_needed_gb"],
+            "planner_gpu_gib": planned.memory.gpu.needed_gib,
+            "planner_ram_gb": planned.memory.host.needed_gb,
             "planner_reasons": planned.reasons,
             "published": published,
         }
@@ -693,13 +841,13 @@ def published_runs_comparison(spec: Optional[ModelSpec] = None) -> list[dict[str
                                                   overrides=published))
             row.update({
                 "published_verdict": as_published.verdict,
-                "published_gpu_gib": as_published.memory["gpu_needed_gib"],
-                "published_kv_pool_tokens": as_published.memory["gpu"]["kv_pool_tokens"],
+                "published_gpu_gib": as_published.memory.gpu.needed_gib,
+                "published_kv_pool_tokens": as_published.memory.gpu.kv_pool_tokens,
                 "published_reasons": as_published.reasons,
                 "published_notes": [n for n in as_published.notes if n.startswith("max-total-tokens")],
                 "published_fp8_kv_full_pool": {
-                    "verdict": fp8_full.verdict, "gpu_gib": fp8_full.memory["gpu_needed_gib"],
-                    "kv_pool_tokens": fp8_full.memory["gpu"]["kv_pool_tokens"],
+                    "verdict": fp8_full.verdict, "gpu_gib": fp8_full.memory.gpu.needed_gib,
+                    "kv_pool_tokens": fp8_full.memory.gpu.kv_pool_tokens,
                 },
                 "published_bf16_full_pool": {"verdict": bf16_full.verdict, "reasons": bf16_full.reasons},
             })

@@ -354,6 +354,8 @@ def _plan_parts(memory: Any) -> Optional[list[tuple[str, str, dict[str, float], 
     """(title, unit, parts, capacity) per device from ktutorial.plan's Plan.memory, if it is one."""
     if hasattr(memory, "memory"):
         memory = memory.memory
+    if hasattr(memory, "model_dump"):  # ktutorial.plan's MemoryBreakdown
+        memory = memory.model_dump()
     if not isinstance(memory, dict):
         return None
     gpu, host = memory.get("gpu") or {}, memory.get("host") or {}

@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -789,7 +788,7 @@ def plan_for_profile(prof, **plan_options):
         # point the command at the profile's folder.
         for flag in ("model-path", "kt-weight-path"):
             if flag in plan.settings:
-                plan.settings[flag] = _replace(plan.settings[flag], value=model_dir)
+                plan = plan.with_setting(flag, model_dir)
     return plan
 
 

@@ -39,7 +39,7 @@ def test_catalog_ids_are_unique_and_cover_the_issue():
 def test_cuda_oom_fix_names_setting_and_lower_value_from_command_and_plan():
     plan = SimpleNamespace(
         settings={"kt-num-gpu-experts": SimpleNamespace(value=40, reason="fits 32 GiB")},
-        memory={"gpu_needed_gib": 31.2, "gpu_capacity_gib": 32.0},
+        memory={"gpu": {"needed_gib": 31.2, "capacity_gib": 32.0}},
     )
     log = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.50 GiB."
     [d] = diagnose(log, plan=plan, command=SGLANG_CMD)
@@ -71,7 +71,7 @@ def test_kt_not_applied_is_found_from_the_command_and_explains_the_oom():
 
 
 def test_killed_by_exit_code_names_host_ram_with_plan_numbers():
-    plan = SimpleNamespace(settings={}, memory={"ram_needed_gb": 241, "ram_available_gb": 128})
+    plan = SimpleNamespace(settings={}, memory={"host": {"needed_gb": 241, "available_gb": 128}})
     found = diagnose("loading shard 12 of 48\n", plan=plan, returncode=-9)
     assert [d.id for d in found] == ["killed"]
     assert "241 GB" in found[0].fix and "128 GB" in found[0].fix
@@ -120,10 +120,10 @@ def test_fixes_use_a_real_plan_numbers():
     experts = plan.settings["kt-num-gpu-experts"].value
     [oom] = diagnose("torch.OutOfMemoryError: CUDA out of memory.", plan=plan)
     assert f"lower --kt-num-gpu-experts from {experts} to " in oom.fix
-    assert f"of {plan.memory['gpu_capacity_gib']:.1f} GiB" in oom.fix
+    assert f"of {plan.memory.gpu.capacity_gib:.1f} GiB" in oom.fix
     assert f"--chunked-prefill-size from {plan.settings['chunked-prefill-size'].value}" in oom.fix
     [killed] = diagnose("Killed", plan=plan, returncode=-9)
-    assert f"{plan.memory['ram_needed_gb']:.0f} GB of host RAM needed, 192 GB present" in killed.fix
+    assert f"{plan.memory.host.needed_gb:.0f} GB of host RAM needed, 192 GB present" in killed.fix
 
 
 # ---- real log lines -------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_every_setting_has_a_reason_and_the_plan_serializes():
     d = plan.as_dict()
     json.dumps(d)
     assert d["settings"]["kt-method"] == "FP8" and d["settings"]["tool-call-parser"] == "minimax-m2"
-    assert d["memory"]["gpu_needed_gib"] <= d["memory"]["gpu_capacity_gib"]
+    assert d["memory"]["gpu"]["needed_gib"] <= d["memory"]["gpu"]["capacity_gib"]
     assert "fits" in plan.summary()
 
 
@@ -350,3 +350,27 @@ def test_cli_doctor_json(capsys):
         assert c["status"] in ("ok", "missing", "warn")
         if c["status"] == "missing":
             assert c["fix"], c
+
+
+def test_plan_is_typed_each_number_once_and_shows_itself():
+    from pydantic import ValidationError
+    from rich.console import Console
+
+    plan = make_plan(SPEC, machine(), Goals(context_tokens=32768))
+    gpu = plan.memory.gpu
+    assert isinstance(gpu.per_gpu_gib, planning.GpuParts)
+    assert gpu.needed_gib == pytest.approx(sum(gpu.per_gpu_gib.model_dump().values()), abs=0.01)
+    assert plan.memory["gpu"]["kv_pool_tokens"] == gpu.kv_pool_tokens  # the old dict reads still work
+    parts = gpu.per_gpu_gib.model_dump()
+    with pytest.raises(ValidationError, match="kv_cahce"):
+        planning.GpuParts(**parts, kv_cahce=1.0)
+    with pytest.raises(ValidationError):
+        plan.model_copy(update={}).__class__(**{**dict(plan), "verdict": "maybe"})
+    dumped = json.dumps(plan.as_dict())
+    assert "gpu_needed_gib" not in dumped and '"needed_gib"' in dumped  # one copy of each number
+    md = plan._repr_markdown_()
+    assert f"verdict: **{plan.verdict}**" in md and "| `--kt-num-gpu-experts` |" in md and "**Host RAM**" in md
+    console = Console(record=True, width=240)
+    console.print(plan)
+    text = console.export_text()
+    assert f"verdict: {plan.verdict}" in text and "--kt-num-gpu-experts" in text and "|" not in text
