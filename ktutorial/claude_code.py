@@ -41,6 +41,7 @@ import jinja2
 from ktutorial import bench, ccproxy, client, results, server
 from ktutorial.errors import MissingDependency, UserError
 from ktutorial.shell import command_line
+from ktutorial.tables import Markdown, ShowsItself, join, table
 
 # Generated pages: their text in data/templates, every value from the code (a misspelt name fails).
 _TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("ktutorial", "data/templates"), autoescape=False,
@@ -597,6 +598,15 @@ def check_records(checks: list[CheckResult], base_url: str, model: Optional[str]
     ]
 
 
+class Checks(ShowsItself, list):
+    """The results of `check`, in order; shows itself as a table with the count that works."""
+
+    def markdown(self) -> Markdown:
+        rows = [{"what Claude Code sends": c.name, "works": c.ok, "seen": c.detail, "fix": c.fix or "",
+                 "s": c.elapsed_s} for c in self]
+        return join(f"{sum(1 for c in self if c.ok)} of {len(self)} parts work.", table(rows))
+
+
 def check(
     base_url: Optional[str] = None,
     model: Optional[str] = None,
@@ -604,7 +614,7 @@ def check(
     token: Optional[str] = None,
     timeout_s: float = 300.0,
     via_proxy: bool = False,
-) -> list[CheckResult]:
+) -> Checks:
     """Replay what Claude Code sends, one feature a request, then all of it at once.
 
     Returns one CheckResult per item in CHECK_NAMES; items after a dead backend are marked not run.
@@ -626,7 +636,7 @@ def check(
                 results[0].detail += f" (ktutorial's proxy, in front of {base_url})"
             return results
     token_value, _ = resolve_token(token)
-    results: list[CheckResult] = []
+    results = Checks()
 
     def add(name, ok, detail, fix="", elapsed_s=0.0):
         results.append(CheckResult(name, bool(ok), detail, "" if ok else fix, round(elapsed_s, 3)))

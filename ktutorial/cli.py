@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ktutorial import __version__, ccproxy, client, notebooks, perfmodel, results, server
+from ktutorial import __version__, ccproxy, client, perfmodel, results, server, tutorial
 from ktutorial import bench as benchmod
 from ktutorial import claude_code as cc
 from ktutorial import download as dl
@@ -141,13 +141,7 @@ def doctor_cmd(
     if json_out:
         print_json(report.as_dict())
     else:
-        table = Table("check", "status", "found", "needed", "fix", title="ktutorial doctor")
-        colors = {"ok": "green", "missing": "red", "warn": "yellow"}
-        for c in report.checks:
-            table.add_row(c.item, f"[{colors[c.status]}]{c.status}[/]", c.found, c.need, c.fix)
-        console.print(table)
-        for line in report.summary:
-            console.print(line, highlight=False)
+        console.print(report)
     if not report.tiny_ready:
         raise typer.Exit(1)
 
@@ -929,7 +923,7 @@ def tutorial_cmd(
     servers the notebooks started; a failed notebook stops the run, naming the cell and error."""
     start = time.perf_counter()
     console.print(f"ktutorial tutorial: profile {profile}, output in {out}/", highlight=False)
-    result = notebooks.run_tutorial(profile, out, only=only or None, progress=notebooks.main_progress(console))
+    result = tutorial.run_tutorial(profile, out, only=only or None, progress=tutorial.main_progress(console))
     for entry in result.stopped_servers:
         console.print(f"stopped the {entry['engine']} server the notebooks left running (pid {entry['pid']})",
                       highlight=False)

@@ -24,6 +24,7 @@ import httpx
 
 from ktutorial import server
 from ktutorial.errors import UserError
+from ktutorial.tables import Markdown, ShowsItself, join, table
 
 CONNECT_TIMEOUT_S = 3.0
 # A long prefill of a large model can take minutes before the first byte of a reply.
@@ -215,8 +216,13 @@ class ToolCall:
     arguments_json: str = ""
 
 
+def _reply_markdown(reasoning: str, answer: str, calls: list[str], reason: Optional[str], usage: dict) -> Markdown:
+    return table({"reasoning": reasoning or "(none)", "answer": answer or "(none)", "tool calls": calls or "(none)",
+                  "finish / stop reason": reason, "usage": usage})
+
+
 @dataclass
-class ChatResult:
+class ChatResult(ShowsItself):
     content: str  # the answer, reasoning removed
     reasoning: str
     tool_calls: list[ToolCall] = field(default_factory=list)
@@ -224,6 +230,10 @@ class ChatResult:
     usage: dict = field(default_factory=dict)
     timings: Optional[dict] = None  # llama.cpp's server-side timings, when sent
     model: Optional[str] = None
+
+    def markdown(self) -> Markdown:
+        calls = [f"{c.name}({json.dumps(c.arguments)})" for c in self.tool_calls]
+        return _reply_markdown(self.reasoning, self.content, calls, self.finish_reason, self.usage)
 
     def assistant_message(self) -> dict:
         """This reply as a history entry. Reasoning is kept (MiniMax's card asks for it)."""
@@ -430,11 +440,18 @@ def function_tool(name: str, description: str, properties: dict, required: Optio
 
 
 @dataclass
-class ToolRoundTrip:
+class ToolRoundTrip(ShowsItself):
     final: ChatResult  # the reply after the tool results went back
     calls: list[ToolCall]  # every call the model made, in order
     results: list[Any]  # what the handlers returned, in the same order
     transcript: list[dict]  # the whole conversation, as sent
+
+    def markdown(self) -> Markdown:
+        rows = [{"tool": c.name, "arguments": c.arguments, "handler returned": str(r)[:200]}
+                for c, r in zip(self.calls, self.results)]
+        return join(table(rows) if rows else "The model called no tool.",
+                    f"Then, with the results in its history ({len(self.transcript)} messages), it answered:",
+                    self.final.markdown())
 
 
 def tool_round_trip(
@@ -479,13 +496,17 @@ def tool_round_trip(
 
 
 @dataclass
-class MessagesResult:
+class MessagesResult(ShowsItself):
     text: str  # the answer (text blocks joined)
     thinking: str  # thinking blocks, or an inline <think> split off the text
     tool_uses: list[dict] = field(default_factory=list)  # {"id", "name", "input"}
     stop_reason: Optional[str] = None
     usage: dict = field(default_factory=dict)
     content: list[dict] = field(default_factory=list)  # the raw blocks, for the next turn's history
+
+    def markdown(self) -> Markdown:
+        calls = [f"{u.get('name')}({json.dumps(u.get('input'))})" for u in self.tool_uses]
+        return _reply_markdown(self.thinking, self.text, calls, self.stop_reason, self.usage)
 
 
 def messages(

@@ -29,6 +29,7 @@ from ktutorial.errors import UserError
 from ktutorial.plan import Goals, Plan, PlanError, make_plan
 from ktutorial.profiles import load_profile
 from ktutorial.spec import ModelSpec, SpecError, known_model, known_models
+from ktutorial.tables import Markdown, ShowsItself, bullets, join, table
 
 SGLANG_KT_VERSION = "0.7.2"
 KT_KERNEL_VERSION = "0.7.2"
@@ -69,12 +70,17 @@ class Check:
 
 
 @dataclass
-class DoctorReport:
+class DoctorReport(ShowsItself):
     checks: list[Check]
     hardware: dict[str, Any]
     real_run_ready: bool
     tiny_ready: bool
     summary: list[str] = field(default_factory=list)
+
+    def markdown(self) -> Markdown:
+        rows = [{"check": c.item, "status": c.status, "found": c.found, "needed": c.need, "fix": c.fix}
+                for c in self.checks]
+        return join(table(rows), bullets(self.summary))
 
     def as_dict(self) -> dict[str, Any]:
         return {"real_run_ready": self.real_run_ready, "tiny_ready": self.tiny_ready,

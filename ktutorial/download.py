@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from ktutorial.errors import UserError
 from ktutorial.spec import ModelSpec, SpecError, known_model, known_models
+from ktutorial.tables import Markdown, ShowsItself, table
 
 MANIFEST_NAME = ".ktutorial-manifest.json"
 MANIFEST_SCHEMA = "ktutorial.manifest/1"
@@ -245,7 +246,7 @@ def _hf_locks_busy(local_dir: Path) -> bool:
 
 
 @dataclass
-class DownloadPlan:
+class DownloadPlan(ShowsItself):
     repo_id: str
     revision: str
     commit: str
@@ -274,6 +275,9 @@ class DownloadPlan:
             f"({len(self.files) - len(self.present)} of {len(self.files)} files still to fetch); "
             "free space or pick another --local-dir"
         )
+
+    def markdown(self) -> Markdown:
+        return table(self.summary())
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -355,7 +359,7 @@ def plan_download(
 
 
 @dataclass
-class DownloadResult:
+class DownloadResult(ShowsItself):
     repo_id: str
     revision: str
     commit: str
@@ -367,6 +371,9 @@ class DownloadResult:
     attempts: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> Markdown:
+        return table(self.summary())
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -582,7 +589,7 @@ class Problem:
 
 
 @dataclass
-class VerifyReport:
+class VerifyReport(ShowsItself):
     model_dir: str
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -604,6 +611,9 @@ class VerifyReport:
 
     def add(self, path: str, kind: str, detail: str) -> None:
         self.problems.append(Problem(path, kind, detail))
+
+    def markdown(self) -> Markdown:
+        return table(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -33,7 +33,7 @@ from ktutorial.engines import sglang_kt
 from ktutorial.errors import UserError
 from ktutorial.hardware import GB, GIB, Hardware
 from ktutorial.spec import BF16_BYTES, ModelSpec, known_model, known_models
-from ktutorial.tables import Markdown, bullets, cell, join, markdown_table
+from ktutorial.tables import Markdown, ShowsItself, bullets, cell, join, markdown_table
 
 # ---- constants of the memory model (each an estimate; why in the comment) ------------------------
 
@@ -228,7 +228,7 @@ class MemoryBreakdown(_Breakdown):
         return self.disk.free_gb
 
 
-class Plan(BaseModel):
+class Plan(ShowsItself, BaseModel):
     """Launch settings (flag -> value and reason), the memory breakdown, and the verdict with its
     reasons. Shows itself: a notebook renders it as markdown, the CLI with rich."""
 
@@ -307,11 +307,6 @@ class Plan(BaseModel):
             "**Host RAM**", ram,
         )
 
-    def _repr_markdown_(self) -> str:
-        return str(self.markdown())
-
-    def __rich__(self):
-        return self.markdown().__rich__()
 
 
 # ---- sizes ------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """matplotlib figures drawn from records (never from typed numbers). Each function writes PNGs
-into a folder and returns the paths it wrote (empty when the records hold nothing to draw).
+into a folder and returns the paths it wrote as `Figures` (empty when the records hold nothing
+to draw), which a notebook shows as the images.
 
 Published figures, when drawn, are dashed and labelled "published".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -13,14 +15,25 @@ from typing import Any, Iterable, Optional, Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
-import dataclasses
-
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ktutorial import results  # noqa: E402
 from ktutorial.results import field  # noqa: E402
 
 DPI = 120
+
+
+class Figures(list):
+    """The PNG files a figure function wrote: a notebook shows the images, a terminal the paths."""
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import Image, display  # IPython: present in a notebook kernel only
+
+        for path in self:
+            display(Image(filename=str(path)))
+
+    def __rich__(self) -> str:
+        return "\n".join(str(p) for p in self)
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -51,7 +64,7 @@ def bench_vs_input_len(
     """prefill and decode tok/s against input length, one line per configuration (mean ± stdev)."""
     bench = results.filter_records(records, kind="bench")
     if not bench:
-        return []
+        return Figures()
     groups = results.compare(bench, [config_key, "output_len", "input_len"], metrics=["prefill_tok_s", "decode_tok_s"])
     configs = list(dict.fromkeys((g["key"][config_key], g["key"]["output_len"]) for g in groups))
     several_outputs = len({c[1] for c in configs}) > 1
@@ -88,7 +101,7 @@ def bench_vs_input_len(
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
         paths.append(save_figure(fig, out_dir / name))
-    return paths
+    return Figures(paths)
 
 
 # ---- sweeps -----------------------------------------------------------------------------------
@@ -136,7 +149,7 @@ def sweep_by_knob(records: Sequence[dict], out_dir: Path) -> list[Path]:
             fig.suptitle(f"sweep {sweep_name}: by {knob}", fontsize=10)
             safe = "".join(c if c.isalnum() else "_" for c in f"{sweep_name}_{knob}").strip("_")
             paths.append(save_figure(fig, out_dir / f"sweep_{safe}.png"))
-    return paths
+    return Figures(paths)
 
 
 def _order(v):
@@ -212,7 +225,7 @@ def kernel_vs_threads(records: Sequence[dict], out_dir: Path) -> list[Path]:
     measured in the same run, the best thread count named; TFLOP/s against threads (prefill)."""
     kt = [r for r in records if r["kind"] == KT_KIND]
     if not kt:
-        return []
+        return Figures()
     bws = [r for r in records if r["kind"] == BANDWIDTH_KIND]
     runs = list(dict.fromkeys((_host(r), field(r, "shape")) for r in kt))
     paths = []
@@ -249,7 +262,7 @@ def kernel_vs_threads(records: Sequence[dict], out_dir: Path) -> list[Path]:
         fig.suptitle(f"kt-kernel FP8 MoE layer, shape {shape}, on {host}", fontsize=10)
         name = "kernel_threads.png" if len(runs) == 1 else f"kernel_threads_{h_i + 1}.png"
         paths.append(save_figure(fig, out_dir / name))
-    return paths
+    return Figures(paths)
 
 
 def llamacpp_vs_kt(records: Sequence[dict], out_dir: Path) -> list[Path]:
@@ -257,7 +270,7 @@ def llamacpp_vs_kt(records: Sequence[dict], out_dir: Path) -> list[Path]:
     llama = [r for r in records if r["kind"] == LLAMACPP_KIND]
     kt = [r for r in records if r["kind"] == KT_KIND]
     if not llama:
-        return []
+        return Figures()
     runs = list(dict.fromkeys((_host(r), field(r, "shape")) for r in llama))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, phase in ((axes[0], "decode"), (axes[1], "prefill")):
@@ -284,7 +297,7 @@ def llamacpp_vs_kt(records: Sequence[dict], out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
     shapes = ", ".join(sorted({str(sh) for _, sh in runs}))
     fig.suptitle(f"one MoE layer (shape {shapes}), CPU only: llama.cpp beside kt-kernel", fontsize=10)
-    return [save_figure(fig, out_dir / "llamacpp_vs_kt.png")]
+    return Figures([save_figure(fig, out_dir / "llamacpp_vs_kt.png")])
 
 
 # ---- hybrid layer -----------------------------------------------------------------------------
@@ -297,7 +310,7 @@ def hybrid_vs_gpu_experts(records: Sequence[dict], out_dir: Path) -> list[Path]:
     so on one axis the decode lines would lie flat on zero."""
     hyb = [r for r in records if r["kind"] == HYBRID_KIND]
     if not hyb:
-        return []
+        return Figures()
     groups = results.compare(hyb, ["routing", "tokens", "n_gpu_experts"], metrics=["latency_ms"])
     token_counts = sorted({g["key"]["tokens"] for g in groups}, key=_order)
     fig, axes = plt.subplots(1, len(token_counts), figsize=(5.5 * len(token_counts), 4.5), squeeze=False)
@@ -327,7 +340,7 @@ def hybrid_vs_gpu_experts(records: Sequence[dict], out_dir: Path) -> list[Path]:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("hybrid MoE layer: GPU experts + kt-kernel CPU experts, run concurrently", fontsize=10)
-    return [save_figure(fig, out_dir / "hybrid_gpu_experts.png")]
+    return Figures([save_figure(fig, out_dir / "hybrid_gpu_experts.png")])
 
 
 # ---- planner memory ----------------------------------------------------------------------------
@@ -413,13 +426,13 @@ def memory_breakdown(memory: Any, out_dir: Path, title: str = "planned memory") 
         devices = [(d, "GB", parts, limits.get(d)) for d, parts in sorted(grouped.items())]
     devices = [d for d in devices if d[2]]
     if not devices:
-        return []
+        return Figures()
     fig, axes = plt.subplots(1, len(devices), figsize=(4.2 * len(devices), 5))
     axes = [axes] if len(devices) == 1 else list(axes)
     for ax, (name, unit, parts, capacity) in zip(axes, devices):
         _stacked(ax, parts, capacity, unit, name)
     fig.suptitle(title, fontsize=10)
-    return [save_figure(fig, out_dir / "plan_memory.png")]
+    return Figures([save_figure(fig, out_dir / "plan_memory.png")])
 
 
 # ---- performance model -----------------------------------------------------------------------
@@ -429,7 +442,7 @@ def perfmodel_vs_published(rows: Sequence[dict], out_dir: Path) -> list[Path]:
     """Predicted (ktutorial.perfmodel, fitted on our host) beside published prefill and decode tok/s
     against prompt length, one colour per published configuration; published dashed, as elsewhere."""
     if not rows:
-        return []
+        return Figures()
     configs = list(dict.fromkeys(r["config"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, metric, title in ((axes[0], "prefill_tok_s", "prefill (tok/s)"), (axes[1], "decode_tok_s", "decode (tok/s)")):
@@ -451,4 +464,139 @@ def perfmodel_vs_published(rows: Sequence[dict], out_dir: Path) -> list[Path]:
         ax.legend(fontsize=6)
     fig.suptitle("SGLang + KT on MiniMax-M2.1: predicted from our host's records (no fit to the published figures)",
                  fontsize=10)
-    return [save_figure(fig, out_dir / "perfmodel_vs_published.png")]
+    return Figures([save_figure(fig, out_dir / "perfmodel_vs_published.png")])
+
+
+
+# ---- figures of the notebooks (download, launch, requests, comparison, Claude Code) ----------------
+
+
+def download_files(plan, out_dir: Path) -> list[Path]:
+    """Each file of a download by size (log scale), weights and the rest apart; free disk noted."""
+
+    files = sorted(plan.files, key=lambda f: -f.size)
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.28 * len(files) + 1)))
+    colors = ["#1f77b4" if f.path.endswith(".safetensors") else "#aaaaaa" for f in files]
+    ax.barh([f.path for f in files], [f.size / 1e6 for f in files], color=colors)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("MB (log scale)")
+    total = plan.bytes_total / 1e9
+    free = (plan.free_bytes + plan.bytes_reclaimable) / 1e9
+    ax.set_title(f"{plan.repo_id}: {len(files)} files, {total:.3g} GB (weights in blue); "
+                 f"{free:.0f} GB free here", fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.tick_params(axis="y", labelsize=7)
+
+    return Figures([save_figure(fig, Path(out_dir) / "download_files.png")])
+
+
+def gpu_experts_tradeoff(plan, out_dir: Path) -> list[Path]:
+    """`--kt-num-gpu-experts` against the KV-cache tokens that still fit on the card, from the
+    plan's own VRAM breakdown (bf16 and FP8 KV cache); the plan's choice marked."""
+
+    gpu = plan.memory["gpu"]
+    parts = gpu["per_gpu_gib"]
+    capacity = gpu["capacity_gib"]
+    per_expert = gpu["gib_per_gpu_expert"]
+    fixed = sum(v for k, v in parts.items() if k not in ("gpu_experts", "kv_cache"))
+    free = capacity - fixed
+    kv_bf16 = plan.spec.kv_bytes_per_token("bf16") / gpu["tp"]
+    kv_fp8 = plan.spec.kv_bytes_per_token("fp8") / gpu["tp"]
+    n_max = max(1, int(free / per_expert))
+    ns = list(range(0, n_max + 1))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for label, per_token in (("bf16 KV cache", kv_bf16), ("FP8 KV cache", kv_fp8)):
+        ax.plot(ns, [max(0.0, (free - n * per_expert) * 2**30 / per_token) / 1000 for n in ns], marker=".", label=label)
+    chosen = plan.settings.get("kt-num-gpu-experts")
+    if chosen is not None:
+        ax.axvline(chosen.value, color="green", alpha=0.5)
+        ax.annotate(f"plan: {chosen.value} experts, {gpu['kv_pool_tokens'] / 1000:.0f}k tokens",
+                    (chosen.value, gpu["kv_pool_tokens"] / 1000), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xlabel("--kt-num-gpu-experts (experts per layer on the GPU)")
+    ax.set_ylabel("KV-cache tokens that fit (thousands)")
+    ax.set_title(f"{plan.hardware.gpu_name}: {free:.1f} of {capacity:g} GiB left after the fixed parts; "
+                 f"{per_expert:.2f} GiB per GPU expert", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+    return Figures([save_figure(fig, Path(out_dir) / "gpu_experts_tradeoff.png")])
+
+
+def token_times(record: dict, out_dir: Path) -> list[Path]:
+    """One measured request: when each token arrived, with TTFT and the decode slope drawn."""
+
+    times = record["samples"]["token_times_s"]
+    m, p = record["metrics"], record["params"]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    ax.plot([t * 1000 for t in times], range(1, len(times) + 1), marker=".", label="tokens received")
+    ax.axvline(m["ttft_s"] * 1000, color="orange", linestyle="--",
+               label=f"TTFT {m['ttft_s'] * 1000:.0f} ms -> prefill {m['prefill_tok_s']:.0f} tok/s")
+    ax.plot([m["ttft_s"] * 1000, m["e2e_s"] * 1000], [1, len(times)], color="green", alpha=0.6,
+            label=f"decode {m['decode_tok_s']:.1f} tok/s = (n - 1) / (e2e - TTFT)")
+    ax.set_xlabel("ms since the request was sent")
+    ax.set_ylabel("tokens received")
+    ax.set_title(f"one request: {p['input_len']}-token prompt, {m['output_tokens']} tokens out ({p['engine']})",
+                 fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+
+    return Figures([save_figure(fig, Path(out_dir) / "token_times.png")])
+
+
+def kt_vs_llamacpp_ratios(published: dict, records: Sequence[dict], out_dir: Path) -> list[Path]:
+    """KT over llama.cpp, prefill and decode: the published end-to-end ratio (GPU machine) beside
+    the ratio measured through one M2.1 layer on the device host's CPU. Best against best."""
+
+    rows = published["llamacpp_comparison"]
+    kt = next(r for r in rows if r["config"].startswith("KT"))
+    others = [r for r in rows if r is not kt]
+    pub = {m: kt[f"{m}_tok_s"] / max(r[f"{m}_tok_s"] for r in others) for m in ("prefill", "decode")}
+    ours = {}
+    for m in ("prefill", "decode"):
+        k = _best_layer_tok_s(records, KT_KIND, m)
+        ll = _best_layer_tok_s(records, LLAMACPP_KIND, m)
+        ours[m] = k / ll if k and ll else None
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    xs = range(2)
+    width = 0.38
+    labels = ("prefill", "decode")
+    bars_pub = ax.bar([x - width / 2 for x in xs], [pub[m] for m in labels], width,
+                      label="published: SGLang + KT vs llama.cpp, end to end, 2 x RTX 5090 + EPYC 9355", color="#999999")
+    bars_ours = ax.bar([x + width / 2 for x in xs], [ours[m] or 0 for m in labels], width,
+                       label="measured: kt-kernel vs llama.cpp, one M2.1 layer, CPU only (device host)", color="#1f77b4")
+    for bars in (bars_pub, bars_ours):
+        for b in bars:
+            ax.annotate(f"{b.get_height():.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+    ax.axhline(1, color="black", linewidth=0.8)
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("KT / llama.cpp (best against best)")
+    ax.set_title("How much faster KT is: published beside measured", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(True, axis="y", alpha=0.3)
+
+    return Figures([save_figure(fig, Path(out_dir) / "kt_vs_llamacpp_ratios.png")])
+
+
+def claude_code_checks(checks: Sequence, out_dir: Path) -> list[Path]:
+    """Seconds each replayed part of a Claude Code request took (the big ones are prefill)."""
+
+    rows = [c for c in checks if c.elapsed_s is not None]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.2))
+    ax.barh([c.name[:60] for c in rows], [c.elapsed_s for c in rows],
+            color=["#2ca02c" if c.ok else "#d62728" for c in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.set_title("each part of a Claude Code request, replayed (green: works)", fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(True, axis="x", alpha=0.3)
+
+    return Figures([save_figure(fig, Path(out_dir) / "claude_code_checks.png")])
+
+
+def _best_layer_tok_s(records: Sequence[dict], kind: str, phase: str) -> Optional[float]:
+    values = [layer_tok_s(r) for r in records if r["kind"] == kind and field(r, "phase") == phase]
+    values = [v for v in values if v]
+    return max(values) if values else None
+

@@ -12,17 +12,18 @@ import json
 import statistics
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
 from ktutorial import perfmodel, plots, results, server
 from ktutorial.diagnose import diagnose
+from ktutorial.engines import sglang_kt
 from ktutorial.errors import UserError
 from ktutorial.plots import KT_KIND, LLAMACPP_KIND, best_threads, layer_tok_s
 from ktutorial.profiles import load_profile
-from ktutorial.results import field
-from ktutorial.tables import fmt, markdown_table, md_cell  # noqa: F401 (md_cell: callers import it from here)
+from ktutorial.results import field, scrub, summarize
+from ktutorial.tables import Markdown, fmt, markdown_table, md_cell, shows_markdown, table  # noqa: F401 (md_cell: callers import it from here)
 
 LAYERS_M21 = 62  # MiniMax-M2.1: every one of its 62 layers is a MoE layer
 
@@ -68,6 +69,7 @@ def bench_summary(records: Sequence[dict], config_key: str = "config") -> list[d
     )
 
 
+@shows_markdown
 def bench_table(records: Sequence[dict], config_key: str = "config") -> str:
     """The published table's format: prefill / decode (mean ± stdev, n) per input length."""
     bench = results.filter_records(records, kind="bench")
@@ -96,6 +98,7 @@ def bench_table(records: Sequence[dict], config_key: str = "config") -> str:
     return _md(["configuration", "engine", "GPU", "CPU", "output", *map(str, lens)], rows)
 
 
+@shows_markdown
 def agreement_table(records: Sequence[dict], config_key: str = "config") -> str:
     """Client figures beside the server's own, and the two checks on every request."""
     bench = results.filter_records(records, kind="bench")
@@ -143,6 +146,7 @@ def published_table(published: dict) -> str:
     return _md(["configuration", "GPU", "CPU", "PCIe", *map(str, lens)], rows)
 
 
+@shows_markdown
 def sweep_table(records: Sequence[dict]) -> str:
     swept = [r for r in records if r["kind"] in ("bench", "sweep_failure") and field(r, "params.sweep")]
     if not swept:
@@ -238,6 +242,7 @@ def _host_of(rec: dict) -> str:
     return str(field(rec, "env.cpu_model") or "?")
 
 
+@shows_markdown
 def llamacpp_table(records: Sequence[dict]) -> str:
     """llama.cpp and kt-kernel through one layer at the same threads, and their ratio."""
     llama = [r for r in records if r["kind"] == LLAMACPP_KIND]
@@ -266,6 +271,7 @@ def llamacpp_table(records: Sequence[dict]) -> str:
                 "kt-kernel tokens", "kt-kernel tok/s / layer", "kt-kernel / llama.cpp"], rows)
 
 
+@shows_markdown
 def hybrid_table(records: Sequence[dict]) -> str:
     """Hybrid layer latency by GPU experts: both sides at once, and each side alone."""
     hyb = [r for r in records if r["kind"] == "hybrid_layer"]  # plots.HYBRID_KIND
@@ -361,6 +367,7 @@ def engine_vs_kernel_table(records: Sequence[dict]) -> str:
                 "engine / kernel", "engine TTFT ms / layer", "kt-kernel chunk ms", "engine / kernel", "n"], rows)
 
 
+@shows_markdown
 def claude_check_table(records: Sequence[dict]) -> str:
     """Claude Code's requests replayed against each engine, straight and through ktutorial's proxy:
     one row per item, one column per (engine, reasoning parser, route), from `claude_check` records."""
@@ -528,3 +535,304 @@ def planned_memory(profile_name: str) -> tuple[Any, str]:
     model = prof.model if prof.model != "tiny" else "minimax-m2.1"
     plan = server.plan_for_profile(prof, model=model)
     return plan.memory, f"planned memory: {model} ({prof.name} profile), verdict: {plan.verdict}"
+
+
+# ---- what the notebooks say about their results: sentences and tables computed from records -----
+
+
+def model_sizes(spec) -> Markdown:
+    """Where a MoE checkpoint's bytes are, from its config (ModelSpec)."""
+    s = spec.summary()
+    rows = [
+        {"quantity": "layers (all MoE)", "value": s["layers"]},
+        {"quantity": "experts per layer / chosen per token", "value": f"{s['experts_per_layer']} / {s['experts_per_token']}"},
+        {"quantity": "parameters, total / active per token (B)", "value": f"{s['total_params_b']:.1f} / {s['active_params_b']:.1f}"},
+        {"quantity": "one expert, FP8 (MB)", "value": s["expert_mb"]},
+        {"quantity": "one layer's experts (GB)", "value": s["layer_experts_gb"]},
+        {"quantity": "all experts (GB)", "value": s["all_experts_gb"]},
+        {"quantity": "attention, norms, embeddings, head (GB)", "value": s["dense_gb"]},
+        {"quantity": "checkpoint on disk (GB)", "value": s["checkpoint_gb"]},
+        {"quantity": "KV cache per token, bf16 / FP8 (bytes)", "value": f"{s['kv_bytes_per_token_bf16']:,} / {s['kv_bytes_per_token_fp8']:,}"},
+        {"quantity": "expert weights read per decoded token (GB)", "value": s["decode_expert_gb_per_token"]},
+    ]
+    share = s["all_experts_gb"] / (s["all_experts_gb"] + s["dense_gb"])
+    return Markdown(
+        table(rows)
+        + f"\n\nExperts are {share:.1%} of the weights; the attention and the rest are "
+          f"{s['dense_gb']:.1f} GB. That split is why a {s['total_params_b']:.0f} B model fits beside one "
+          f"consumer GPU: the GPU holds the small dense part (plus the KV cache), host RAM the experts."
+    )
+
+
+def ram_requirement(plan) -> Markdown:
+    """The host-RAM requirement, derived: the planner's parts and the arithmetic behind the experts."""
+    spec, host = plan.spec, plan.memory["host"]
+    parts = host["parts_gb"]
+    expert_mb = spec.expert_bytes / 1e6
+    lines = [
+        f"- **experts: {parts['experts']:.1f} GB** = {spec.num_layers} layers × {spec.num_experts} experts × "
+        f"{expert_mb:.2f} MB (3 matrices of {spec.hidden_size} × {spec.expert_intermediate_size} FP8 bytes plus their "
+        "block scales). kt-kernel loads every expert of every layer, whatever `--kt-num-gpu-experts` puts on the GPU: "
+        "the GPU copy is extra, not instead.",
+    ]
+    other = {k: v for k, v in parts.items() if k != "experts"}
+    names = {"kt_kernel_buffers": "kt-kernel's buffers (sized by the prefill chunk)",
+             "sglang_processes": "SGLang's own processes (scheduler, tokenizer, detokenizer, CUDA context)",
+             "os_reserve": "the operating system"}
+    for k, v in other.items():
+        lines.append(f"- {names.get(k, k.replace('_', ' '))}: {v:.1f} GB")
+    lines.append(f"- **needed: {host['needed_gb']:.0f} GB** of the {host['available_gb']:.0f} GB this plan's machine has.")
+    return Markdown("\n".join(lines) + "\n\nThat is the published tutorial's \"at least 256 GB\", derived: "
+              "below it the experts do not fit and the server is killed while loading (see the troubleshooting page).")
+
+
+def published_runs_table(rows: list[dict]) -> Markdown:
+    """plan.published_runs_comparison(): the planner's settings beside the published ones."""
+    out = []
+    for r in rows:
+        pub = r["published"]
+        planned = r["planner"]
+        out.append({
+            "published run": r["run"],
+            "kt-cpu variant": r["cpu_variant"],
+            "planner: GPU experts / chunk / KV pool": f"{planned.get('kt-num-gpu-experts')} / "
+                                                      f"{planned.get('chunked-prefill-size')} / "
+                                                      f"{planned.get('max-total-tokens')}",
+            "planner: VRAM GiB per GPU": f"{r['planner_gpu_gib']:.1f} of {r['capacity_gib']:g}",
+            "planner: RAM GB": round(r["planner_ram_gb"]),
+            "planner verdict": r["planner_verdict"],
+            "published settings": ", ".join(f"{k}={v}" for k, v in pub.items()),
+            "published, checked by the planner": r.get("published_verdict", "-"),
+        })
+    notes = []
+    for r in rows:
+        if "published_verdict" in r:
+            fp8 = r["published_fp8_kv_full_pool"]
+            notes.append(
+                f"- {r['run']}: as published, the card holds a {r['published_kv_pool_tokens']:,}-token KV pool with a "
+                f"bf16 cache ({r['published_gpu_gib']:.1f} GiB per GPU: {r['published_verdict']}); the full "
+                f"`--max-total-tokens` pool needs an FP8 KV cache ({fp8['gpu_gib']:.1f} GiB: {fp8['verdict']})."
+            )
+    return Markdown(table(out) + ("\n\n" + "\n".join(notes) if notes else ""))
+
+
+def knobs_table(spec) -> Markdown:
+    """The knobs a sweep varies, the values it tries, and what each flag trades (settings_schema)."""
+    why = {row["flag"]: row["why"] for row in sglang_kt.settings_schema()}
+    values: dict[str, list] = {k: list(v) for k, v in spec.serve.items()}
+    for combo in spec.combinations:
+        for k, v in combo.items():
+            values.setdefault(k, [])
+            if v not in values[k]:
+                values[k].append(v)
+    rows = [{"knob": f"`{k}`", "values tried": v, "what it trades": why.get("--" + k.lstrip("-"), "a llama.cpp serve option")}
+            for k, v in values.items()]
+    return Markdown(f"Sweep `{spec.name}` for profile `{spec.profile}`: {len(spec.plan())} server starts.\n\n" + table(rows))
+
+
+def sweep_plan_table(summary: dict) -> Markdown:
+    rows = [{"serve parameters": item["serve"], "command": scrub(item.get("command", "")),
+             "already recorded": item["skip"]} for item in summary["plan"]]
+    return Markdown(table(rows))
+
+
+def _mean(values: Iterable[Any]) -> Optional[float]:
+    return summarize(values)["mean"]
+
+
+def sweep_observations(records: Sequence[dict]) -> Markdown:
+    """For each knob of a sweep: decode and prefill at each value, and the best value, from records."""
+    bench = [r for r in records if r["kind"] == "bench" and field(r, "params.sweep")]
+    failed = [r for r in records if r["kind"] == "sweep_failure"]
+    if not bench:
+        # A sweep that measured nothing has failed, whatever it wrote: the tutorial run stops here.
+        reasons = "; ".join(str(field(r, "diagnosis")) for r in failed) or "no records were written"
+        raise UserError(f"the sweep measured nothing: {len(failed)} combination(s) failed ({reasons})")
+    knobs = sorted({k for r in bench for k in (field(r, "params.serve") or {})})
+    lines = []
+    for knob in knobs:
+        values = sorted({(field(r, "params.serve") or {}).get(knob) for r in bench}, key=str)
+        for metric, label in (("decode_tok_s", "decode"), ("prefill_tok_s", "prefill")):
+            by_value = {v: _mean(field(r, metric) for r in bench if (field(r, "params.serve") or {}).get(knob) == v)
+                        for v in values}
+            by_value = {v: m for v, m in by_value.items() if m is not None}
+            if len(by_value) < 2:
+                continue
+            best = max(by_value, key=by_value.get)
+            worst = min(by_value, key=by_value.get)
+            lines.append(
+                f"- **{knob}, {label}**: best at {knob}={best} ({by_value[best]:.1f} tok/s, mean over all input "
+                f"lengths), {by_value[best] / by_value[worst]:.2f}× the {knob}={worst} figure ({by_value[worst]:.1f})."
+            )
+    n = len(bench)
+    lines.append(f"- {n} measured requests; {len(failed)} failed combination(s)"
+                 + (": " + "; ".join(str(field(r, 'diagnosis')) for r in failed) if failed else "."))
+    return Markdown("\n".join(lines))
+
+
+def threads_observations(records: Sequence[dict]) -> Markdown:
+    """kt-kernel's decode by thread count on the device host: the best, the all-vCPU trap, and
+    kt-cli's old default (0.8 × logical CPUs), from the committed records."""
+    kt = [r for r in records if r["kind"] == KT_KIND and field(r, "phase") == "decode"]
+    if not kt:
+        return Markdown("No kt-kernel records.")
+    best = best_threads(records, "decode")
+    tokens = best["tokens"]
+    sel = {field(r, "threads"): field(r, "latency_ms") for r in kt if field(r, "tokens") == tokens
+           and plots._host(r) == best["host"]}
+    logical = next((field(r, "env.cpu_logical") for r in kt if field(r, "env.cpu_logical")), None)
+    most = max(sel)
+    lines = [
+        f"- On the device host ({best['host']}, {logical} logical CPUs), one decoded token through one layer is "
+        f"fastest at **{best['threads']} threads: {best['latency_ms']:.2f} ms**, {best['expert_gb_s']:.0f} GB/s of "
+        f"expert weights; {best['ceiling_tok_s_62_layers']:.1f} tok/s is the CPU-only ceiling for 62 layers.",
+    ]
+    if most != best["threads"]:
+        lines.append(f"- With all {most} threads it takes {sel[most]:.2f} ms, {sel[most] / best['latency_ms']:.1f}× "
+                     "slower: a kt-kernel thread on every vCPU leaves none for the thread that submits the work.")
+    if logical:
+        default = int(0.8 * logical)
+        near = min(sel, key=lambda t: abs(t - default))
+        lines.append(f"- kt-cli's older default, 0.8 × logical CPUs = {default}: the nearest measured count, {near}, "
+                     f"takes {sel[near]:.2f} ms ({sel[near] / best['latency_ms'] - 1:+.0%} against the best). "
+                     "The planner's `--kt-cpuinfer` leaves cores free for the same reason (see its reason in 00's settings table).")
+    return Markdown("\n".join(lines))
+
+
+def published_llamacpp_table() -> Markdown:
+    """The published KT against llama.cpp figures (2 x RTX 5090 + EPYC 9355, 32768 in, 512 out), labelled."""
+    pub = load_published()
+    rows = [{"published (KTransformers tutorial)": r["config"], "input tokens": r["input_len"],
+             "prefill tok/s": r["prefill_tok_s"], "decode tok/s": r["decode_tok_s"]}
+            for r in pub["llamacpp_comparison"]]
+    kt = next(r for r in pub["llamacpp_comparison"] if r["config"].startswith("KT"))
+    others = [r for r in pub["llamacpp_comparison"] if r is not kt]
+    best_prefill = max(others, key=lambda r: r["prefill_tok_s"])
+    best_decode = max(others, key=lambda r: r["decode_tok_s"])
+    return Markdown(
+        table(rows)
+        + f"\n\nFrom these figures: KT prefills {kt['prefill_tok_s'] / best_prefill['prefill_tok_s']:.1f}× faster than "
+          f"llama.cpp's best prefill ({best_prefill['config']}) and decodes "
+          f"{kt['decode_tok_s'] / best_decode['decode_tok_s'] - 1:.0%} faster than its best decode "
+          f"({best_decode['config']}); no llama.cpp setting was best at both. Published, not measured by ktutorial: "
+          "no method, versions or spread were given."
+    )
+
+
+def comparison_observations(records: Sequence[dict]) -> Markdown:
+    """kt-kernel against llama.cpp through one M2.1-shape MoE layer, CPU only, from the device records."""
+    kt = [r for r in records if r["kind"] == KT_KIND]
+    ll = [r for r in records if r["kind"] == LLAMACPP_KIND]
+    if not kt or not ll:
+        return Markdown("The records hold no kt-kernel / llama.cpp pair to compare.")
+
+    def best(recs, phase):
+        sel = [(layer_tok_s(r), r) for r in recs if field(r, "phase") == phase and layer_tok_s(r)]
+        return max(sel, key=lambda x: x[0]) if sel else (None, None)
+
+    kd, kdr = best(kt, "decode")
+    ld, ldr = best(ll, "decode")
+    kp, kpr = best(kt, "prefill")
+    lp, lpr = best(ll, "prefill")
+    info = next((field(r, "system_info") for r in ll if field(r, "system_info")), "")
+    lines = [
+        f"- **Decode** (one token through one layer): kt-kernel FP8 at best {kd:.0f} tok/s "
+        f"({field(kdr, 'threads')} threads) against llama.cpp Q8_0 at best {ld:.0f} tok/s ({field(ldr, 'threads')} "
+        f"threads): **{kd / ld:.2f}×**. Over 62 layers that is {kd / 62:.1f} against {ld / 62:.1f} tok/s, "
+        "the CPU side alone.",
+        f"- **Prefill** (a chunk through one layer): kt-kernel at best {kp:.0f} tok/s ({field(kpr, 'tokens')}-token "
+        f"chunks, {field(kpr, 'threads')} threads) against llama.cpp at best {lp:.0f} tok/s "
+        f"({field(lpr, 'threads')} threads): **{kp / lp:.2f}×**. On the CPU alone kt-kernel does not win prefill; "
+        "SGLang-KT's prefill advantage comes from sending long chunks to the GPU layer by layer "
+        "(`--kt-gpu-prefill-token-threshold`), not from the CPU kernel.",
+        f"- llama.cpp here is the PyPI build (xllamacpp); its CPU backend reported `{info.strip().rstrip('|').strip()}` "
+        "on an AMX host: a build compiled for the host could do better.",
+    ]
+    return Markdown("\n".join(lines))
+
+
+def bench_observations(records: Sequence[dict]) -> Markdown:
+    """The tiny bench in two sentences: decode and prefill by input length, labelled."""
+    groups = bench_summary(records)
+    if not groups:
+        return Markdown("No bench records.")
+    parts = []
+    for g in groups:
+        m = g["metrics"]
+        parts.append(f"{g['key']['input_len']} tokens in: prefill {m['prefill_tok_s']['mean']:.0f} ± "
+                     f"{m['prefill_tok_s']['stdev']:.0f}, decode {m['decode_tok_s']['mean']:.1f} ± "
+                     f"{m['decode_tok_s']['stdev']:.1f} tok/s (n={g['n']})")
+    env = records[0]["env"]
+    return Markdown(f"Measured here, {env.get('engine')} {env.get('engine_version')} on {env.get('cpu_model')} "
+              f"({env.get('cpu_physical_cores')} cores), model `{env.get('model')}`: " + "; ".join(parts)
+              + ". A tiny model on a small CPU: these numbers check the method, they say nothing about M2.1's speed.")
+
+
+def hybrid_agreement_table(out: dict) -> Markdown:
+    rows = []
+    for r in out["comparisons"] + out.get("negative_controls", []):
+        rows.append({
+            "a": r["a"], "b": r["b"],
+            "same greedy tokens": f"{r['token_matches']}/{r['positions']}",
+            "same argmax (teacher forced)": f"{r['argmax_matches']}/{r['positions']}",
+            "max |Δlogit|": r["max_abs_dlogit"], "MoE rel err": r["moe_rel_err"],
+            "max |Δlogprob|": r["max_abs_dlogprob"], "router flips": r["router_flips"],
+            "agrees": "yes" if r["ok"] else "NO: " + ", ".join(r["failed_on"]),
+        })
+    tol = "; ".join(f"{k}: " + ", ".join(f"{m} ≤ {v:g}" for m, v in t.items()) for k, t in out["tolerances"].items())
+    controls = out.get("negative_controls", [])
+    caught = sum(1 for r in controls if not r["ok"])
+    reply = out["reference_text"].replace("\n", " ⏎ ").strip()
+    text = (f"Prompt of {out['prompt_tokens']} tokens. The reference's {len(out['reference_tokens'])} greedy tokens "
+            f"(end-of-turn ignored, so the positions run on past the reply): `{reply[:160]}`\n\n"
+            + table(rows) + f"\n\nTolerances — {tol}.")
+    if controls:
+        text += (f"\n\nNegative controls (the last {len(controls)} rows are deliberate bugs): "
+                 f"**{caught} of {len(controls)} caught** (each must say NO).")
+    return Markdown(text)
+
+
+def coverage_table(study: dict) -> Markdown:
+    rows = []
+    for i, n in enumerate(study["gpu_experts"]):
+        row = {"GPU experts / layer": n}
+        for s, values in study["coverage"].items():
+            row[s] = f"{100 * values[i]:.0f}%"
+        rows.append(row)
+    return Markdown(table(rows))
+
+
+def hybrid_observations(records: Sequence[dict]) -> Markdown:
+    """The measured `--kt-num-gpu-experts` trade-off at M2.1 layer shape, in sentences."""
+    hyb = [r for r in records if r["kind"] == plots.HYBRID_KIND]
+    if not hyb:
+        return Markdown("No hybrid-layer records.")
+    experts = max(field(r, "experts") or 0 for r in hyb)
+    gpu = next((field(r, "gpu") for r in hyb if field(r, "gpu")), "the GPU")
+    lines = []
+    for tokens in sorted({field(r, "tokens") for r in hyb}):
+        what = "decode, 1 token" if tokens == 1 else f"prefill chunk, {tokens} tokens"
+        by = {}
+        for routing in sorted({field(r, "routing") for r in hyb}):
+            by[routing] = {field(r, "n_gpu_experts"): r for r in hyb
+                           if field(r, "tokens") == tokens and field(r, "routing") == routing}
+        for routing, sel in by.items():
+            if 0 not in sel or experts not in sel:
+                continue
+            lines.append(f"- **{what}, {routing} routing**: CPU only {fmt(field(sel[0], 'latency_ms'))} ms; all "
+                         f"{experts} experts on the {gpu} {fmt(field(sel[experts], 'latency_ms'))} ms.")
+        common = sorted(set.intersection(*(set(v) for v in by.values())) - {0, experts}) if by else []
+        n = next((n for n in common if n >= experts // 8), common[-1] if common else None)
+        if n is not None and len(by) > 1:
+            parts = []
+            for routing, sel in by.items():
+                r, base = sel[n], field(sel[0], "latency_ms")
+                parts.append(f"{routing} routing puts {field(r, 'gpu_coverage'):.0%} of the routed experts there and "
+                             f"the layer takes {fmt(field(r, 'latency_ms'))} ms ({field(r, 'latency_ms') / base - 1:+.0%} "
+                             "against CPU only)")
+            lines.append(f"- With {n} of {experts} experts on the GPU ({what}): " + "; ".join(parts) + ".")
+    lines.append("- What decides the gain is the share of routed experts that land on the GPU (its coverage), "
+                 "compare the rows above: with skewed routing and the hottest experts placed on the GPU, the same "
+                 "count covers far more of the traffic than with uniform random routing.")
+    return Markdown("\n".join(lines))
+

@@ -28,24 +28,15 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Annotated, Any, Callable, Iterable, Literal, Optional, Sequence
 
 import psutil
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ktutorial import __version__, hardware
 from ktutorial.errors import UserError
 
 SCHEMA = "ktutorial.record/1"
-
-# Fields a record of a known kind must carry (params, metrics). Other kinds are free-form
-# beyond the common shape; their owners document them where they write them.
-REQUIRED_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "bench": (
-        ("input_len", "output_len"),
-        ("ttft_s", "e2e_s", "output_tokens", "prefill_tok_s", "decode_tok_s"),
-    ),
-    "sweep_failure": (("combination_key",), ("error", "diagnosis")),
-}
 
 _TOP_KEYS = ("schema", "kind", "time_utc", "env", "params", "metrics", "samples")
 _ENV_REQUIRED = ("ktutorial_version", "python", "os")
@@ -53,6 +44,116 @@ _ENV_REQUIRED = ("ktutorial_version", "python", "os")
 
 class RecordError(UserError):
     """A record, or a line of a records file, does not have the ktutorial.record/1 shape."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the record schema: one pydantic model per kind
+
+
+def _iso_utc(value: str) -> str:
+    try:
+        when = _dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an ISO 8601 time") from None
+    if when.utcoffset() != _dt.timedelta(0):
+        raise ValueError(f"{value!r} is not in UTC")
+    return value
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    for name, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"metric {name} is {value}: store null for a missing number")
+    return metrics
+
+
+def _finite_model(metrics: BaseModel) -> BaseModel:
+    _finite({**metrics.model_dump()})
+    return metrics
+
+
+class Env(BaseModel):
+    """The environment stamp: these keys at least (environment_stamp() writes them all)."""
+
+    model_config = ConfigDict(extra="allow")
+    ktutorial_version: Any
+    python: Any
+    os: Any
+
+
+class Record(BaseModel):
+    """What every record has; a kind's model adds the params and metrics it needs."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_: Literal["ktutorial.record/1"] = Field(alias="schema")
+    kind: str
+    time_utc: Annotated[str, AfterValidator(_iso_utc)]
+    env: Env
+    params: dict[str, Any]
+    metrics: Annotated[dict[str, Any], AfterValidator(_finite)]
+    samples: dict[str, Any]
+
+
+class Kind(BaseModel):
+    """A record kind: the params and metrics every record of it carries (more are allowed)."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    name: str
+    params: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    written_by: str = ""
+
+    def needs(self) -> str:
+        return f"params {', '.join(self.params) or '(any)'} and metrics {', '.join(self.metrics) or '(any)'}"
+
+    @functools.cached_property
+    def model(self) -> type[Record]:
+        """The pydantic model of this kind's records."""
+        def part(what: str, names: tuple[str, ...]) -> type[BaseModel]:
+            fields: dict[str, Any] = {n: (Any, ...) for n in names}
+            return create_model(f"{self.name}_{what}", __config__=ConfigDict(extra="allow"), **fields)
+
+        return create_model(
+            f"{self.name}_record", __base__=Record,
+            kind=(Literal[self.name], ...),  # type: ignore[valid-type]
+            params=(part("params", self.params), ...),
+            metrics=(Annotated[part("metrics", self.metrics), AfterValidator(_finite_model)], ...),
+        )
+
+
+# Every kind a record may have. A new kind is one line here: its name, the params and metrics a
+# record of it cannot do without (tables and plots read them), and the module that writes it.
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind(name="bench", params=("input_len", "output_len"),
+         metrics=("ttft_s", "e2e_s", "output_tokens", "prefill_tok_s", "decode_tok_s"), written_by="bench"),
+    Kind(name="sweep_failure", params=("combination_key",), metrics=("error", "diagnosis"), written_by="bench"),
+    Kind(name="reply_check", params=("check", "expected"), metrics=("exact",), written_by="bench"),
+    Kind(name="claude_check", params=("item", "engine", "model", "via_proxy"), metrics=("ok", "detail", "fix", "elapsed_s"),
+         written_by="claude_code"),
+    Kind(name="kt_kernel_moe", params=("threads", "phase", "tokens"), metrics=("latency_ms",),
+         written_by="kernel_bench"),
+    Kind(name="kt_kernel_summary", params=("threads",), written_by="kernel_bench"),
+    Kind(name="host_bandwidth", params=("threads",), metrics=("copy_gb_s",), written_by="kernel_bench"),
+    Kind(name="llamacpp_layer", params=("threads", "phase", "tokens"),
+         metrics=("per_token_ms_per_layer", "tok_s_per_layer"), written_by="kernel_bench"),
+    Kind(name="hybrid_layer", params=("routing", "n_gpu_experts", "tokens"),
+         metrics=("latency_ms",), written_by="kernel_bench"),
+    Kind(name="kt_mask_probe", params=("threads",), written_by="kernel_bench"),
+    Kind(name="kernel_bench_failure", params=("part",), metrics=("error",), written_by="kernel_bench"),
+    Kind(name="agreement", params=("a", "b"), metrics=("ok", "token_matches", "argmax_matches"), written_by="hybrid"),
+    Kind(name="routing", params=("strategy", "gpu_experts_per_layer"), metrics=("gpu_activation_share",),
+         written_by="hybrid"),
+    Kind(name="orphan_check", params=("after",), metrics=("processes_left",), written_by="results/gpu-host.sh"),
+    Kind(name="engine_log", params=("variant",), metrics=("became_ready", "returncode"), written_by="results/gpu-host.sh"),
+    # Kinds being added on other branches: registered with the common shape only until their
+    # writers name the fields they need.
+    Kind(name="load", written_by="load"),
+    Kind(name="tune_probe", written_by="tune"),
+    Kind(name="tune_result", written_by="tune"),
+    Kind(name="placement_share", written_by="placement"),
+    Kind(name="gpu_ceilings", written_by="kernel_bench"),
+    Kind(name="gpu_half_probe", written_by="kernel_bench"),
+)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,41 +394,38 @@ def make_record(
 
 
 def validate_record(rec: Any) -> dict[str, Any]:
-    """Raise RecordError naming the first problem; return the record when it is well formed."""
+    """Raise RecordError naming the first problem and its fix; return the record when it is well
+    formed: the common shape, and the fields its kind needs (KINDS)."""
     if not isinstance(rec, dict):
         raise RecordError(f"a record must be a JSON object, got {type(rec).__name__}")
     missing = [k for k in _TOP_KEYS if k not in rec]
     if missing:
         raise RecordError(f"record lacks {', '.join(missing)} (schema {SCHEMA} needs {', '.join(_TOP_KEYS)})")
-    if rec["schema"] != SCHEMA:
-        raise RecordError(f"record schema is {rec['schema']!r}, expected {SCHEMA!r}")
-    if not isinstance(rec["kind"], str) or not rec["kind"]:
-        raise RecordError("record kind must be a non-empty string")
+    kind = rec["kind"]
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise RecordError(f"unknown record kind {kind!r}: the kinds are {', '.join(sorted(KINDS))}; a new kind is "
+                          "added to ktutorial.results.KINDS (one line: its required params and metrics)")
     try:
-        when = _dt.datetime.fromisoformat(str(rec["time_utc"]).replace("Z", "+00:00"))
-    except ValueError:
-        raise RecordError(f"record time_utc {rec['time_utc']!r} is not an ISO 8601 time") from None
-    if when.utcoffset() != _dt.timedelta(0):
-        raise RecordError(f"record time_utc {rec['time_utc']!r} is not in UTC")
-    for key in ("env", "params", "metrics", "samples"):
-        if not isinstance(rec[key], dict):
-            raise RecordError(f"record {key} must be an object, got {type(rec[key]).__name__}")
-    lacking = [k for k in _ENV_REQUIRED if k not in rec["env"]]
-    if lacking:
-        raise RecordError(f"record env lacks {', '.join(lacking)}: build it with environment_stamp()")
-    for name, value in rec["metrics"].items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise RecordError(f"metric {name} is {value}: store null for a missing number")
-    need_params, need_metrics = REQUIRED_FIELDS.get(rec["kind"], ((), ()))
-    for part, need in (("params", need_params), ("metrics", need_metrics)):
-        lacking = [k for k in need if k not in rec[part]]
-        if lacking:
-            raise RecordError(f"{rec['kind']} record lacks {part} {', '.join(lacking)}")
+        KINDS[kind].model.model_validate(rec)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise RecordError(_record_problem(kind, where, err)) from None
     try:
         json.dumps(rec, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise RecordError(f"record is not plain JSON: {exc}") from None
     return rec
+
+
+def _record_problem(kind: str, where: str, err: dict) -> str:
+    if err["type"] == "missing":
+        if where.startswith("env."):
+            return f"record env lacks {where[4:]}: build it with environment_stamp()"
+        part, _, name = where.partition(".")
+        return (f"{kind} record lacks {part} {name}: pass it to make_record (a {kind} record needs "
+                f"{KINDS[kind].needs()})")
+    return f"{kind} record: {where}: {err['msg']}"
 
 
 def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -503,7 +601,7 @@ def relative_difference(a: Optional[float], b: Optional[float]) -> Optional[floa
 
 __all__ = [
     "SCHEMA",
-    "REQUIRED_FIELDS",
+    "KINDS", "Kind", "Record",
     "RecordError",
     "environment_stamp",
     "make_record",

@@ -39,9 +39,12 @@ from ktutorial import paths, tiny
 from ktutorial.diagnose import GPU_INSTALL, diagnose
 from ktutorial.doctor import plan_for
 from ktutorial.engines import llamacpp, sglang_kt
+from ktutorial.engines.adapters import detect_engine
+from ktutorial.engines.http import served_model
 from ktutorial.errors import MissingDependency, UserError
 from ktutorial.profiles import Profile, load_profile
 from ktutorial.shell import command_line
+from ktutorial.tables import Markdown, ShowsItself, table
 
 HOST = "127.0.0.1"
 LLAMACPP_READY_TIMEOUT_S = 120.0
@@ -316,7 +319,7 @@ def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class Server:
+class Server(ShowsItself):
     """A running (or about to run) engine server. Use `serve(...)` to make one.
 
     `with serve("tiny") as server: ...` stops it on leaving the block (unless it was found
@@ -349,6 +352,18 @@ class Server:
 
     def __repr__(self) -> str:
         return f"Server(engine={self.engine!r}, model={self.model!r}, base_url={self.base_url!r}, pid={self.pid})"
+
+    def markdown(self) -> Markdown:
+        return table({
+            "engine": self.engine,
+            "base URL": self.base_url,
+            "model (served name)": self.model,
+            "profile": self.profile,
+            "pid (process group)": self.pid,
+            "log": str(self.log_path) if self.log_path else None,
+            "started here": bool(getattr(self, "owned", False)),
+            "detached (outlives this notebook)": bool(getattr(self, "detached", False)),
+        })
 
     def state(self) -> dict:
         return {
@@ -834,3 +849,61 @@ def serve(
     if detach:
         server.detach()
     return server
+
+
+def stop_profile_servers(profile: str) -> list[dict]:
+    """02_launch leaves a server running for the later notebooks; the tutorial ends it."""
+    stopped = []
+    for entry in running(profile=profile):
+        stop(entry)
+        stopped.append(entry)
+    return stopped
+
+
+# ---- which server a notebook uses: the reuse policy ------------------------------------------------
+
+
+@dataclass
+class Backend(ShowsItself):
+    """The server a notebook talks to, and whether this notebook must stop it."""
+
+    base_url: str
+    model: str
+    engine: str
+    server: Any = None
+    started_here: bool = False
+    note: str = ""  # how it was found, for the reader
+
+    def markdown(self) -> Markdown:
+        return Markdown(self.note)
+
+
+def backend_for(profile, base_url: Optional[str] = None) -> Backend:
+    """A server for this notebook: the one at `base_url`, else one started for the profile (by
+    02_launch or `ktutorial serve --detach`), else a new one that `release()` stops."""
+    if base_url:
+        url = base_url.rstrip("/").removesuffix("/v1")
+        with httpx.Client(trust_env=False) as http:
+            model = served_model(url, http)
+        if model is None:
+            raise UserError(f"no model listed at {url}/v1/models: start a server there, or leave base_url out")
+        return Backend(url, model, detect_engine(url),
+                       note=f"Using the server at {url} (model `{model}`), as the `base_url` parameter says.")
+    found = find_running(profile.name)
+    if found is not None:
+        return Backend(found.base_url, found.model, found.engine, found, False,
+                       note=f"Reusing the {found.engine} server that `02_launch` (or `ktutorial serve --detach`) left "
+                            f"running for profile `{profile.name}` at {found.base_url} (model `{found.model}`).")
+    started = serve(profile)
+    return Backend(started.base_url, started.model, started.engine, started, True,
+                   note=f"No server was running for profile `{profile.name}`: started {started.engine} at "
+                        f"{started.base_url} (model `{started.model}`); this notebook stops it at its end.")
+
+
+def release(backend: Backend) -> Markdown:
+    """Stop the server if this notebook started it; leave one 02_launch started running. Says which."""
+    if backend.started_here and backend.server is not None:
+        backend.server.stop()
+        return Markdown(f"Stopped the {backend.engine} server this notebook started.")
+    return Markdown("The server stays running for the next notebooks (`ktutorial stop` ends it; "
+                    "`ktutorial tutorial` stops it at the end).")

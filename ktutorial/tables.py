@@ -7,7 +7,8 @@ prints it through rich (`__rich__`), a report or a page writes it as it is.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Sequence
+import functools
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from rich.markdown import Markdown as RichMarkdown
 
@@ -38,6 +39,29 @@ def fmt(x: Optional[float]) -> str:
     if ax >= 1:
         return f"{x:.2f}"
     return f"{x:.3g}"
+
+
+class ShowsItself:
+    """A result type that builds its markdown once (`markdown()`) and is shown from it everywhere."""
+
+    def markdown(self) -> Markdown:
+        raise NotImplementedError
+
+    def _repr_markdown_(self) -> str:
+        return str(self.markdown())
+
+    def __rich__(self) -> RichMarkdown:
+        return self.markdown().__rich__()
+
+
+def shows_markdown(fn: Callable[..., str]) -> Callable[..., Markdown]:
+    """For a function that writes markdown text: its result shows itself (see Markdown)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Markdown:
+        return Markdown(fn(*args, **kwargs))
+
+    return wrapper
 
 
 def md_cell(value: Any) -> str:

@@ -28,6 +28,8 @@ import psutil
 import pytest
 
 from ktutorial import notebooks as nbmod
+from ktutorial import tutorial
+from ktutorial.layout import NOTEBOOKS, repo_root
 
 REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
@@ -48,10 +50,10 @@ def _tags(cell: dict) -> list:
 
 
 def test_every_notebook_is_listed_and_present():
-    assert sorted(p.stem for p in NB_DIR.glob("*.ipynb")) == sorted(nbmod.NOTEBOOKS)
+    assert sorted(p.stem for p in NB_DIR.glob("*.ipynb")) == sorted(NOTEBOOKS)
 
 
-@pytest.mark.parametrize("name", nbmod.NOTEBOOKS)
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_is_stored_without_outputs_or_injected_cells(name):
     nb = _stored(name)
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
@@ -71,7 +73,7 @@ def test_notebook_is_stored_without_outputs_or_injected_cells(name):
     assert "nb.stamp(" in "".join(code[-1]["source"]), f"{name}: the last cell must show the environment stamp"
 
 
-@pytest.mark.parametrize("name", nbmod.NOTEBOOKS)
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_has_no_machine_paths_and_no_shell_escapes(name):
     text = (NB_DIR / f"{name}.ipynb").read_text()
     for private in ("/root/", "/home/", "/work/", "/tmp/", "/Users/", str(Path.home())):
@@ -93,16 +95,16 @@ def test_echo_only_runs_echo_and_refuses_the_rest():
 def test_scrub_executed_removes_machine_paths(tmp_path):
     home = str(Path.home())
     nb = {"cells": [{"cell_type": "code", "source": "x", "metadata": {}, "outputs": [
-        {"output_type": "stream", "name": "stdout", "text": f"log at {home}/logs/a.log and {nbmod.repo_root()}/build"},
+        {"output_type": "stream", "name": "stdout", "text": f"log at {home}/logs/a.log and {repo_root()}/build"},
         {"output_type": "display_data", "metadata": {},
          "data": {"text/markdown": f"{os.environ['KTUTORIAL_HOME']}/models", "image/png": "iVBOR/root/xx"}},
-    ]}], "metadata": {"papermill": {"input_path": f"{nbmod.repo_root()}/notebooks/x.ipynb"}}}
+    ]}], "metadata": {"papermill": {"input_path": f"{repo_root()}/notebooks/x.ipynb"}}}
     path = tmp_path / "x.ipynb"
     path.write_text(json.dumps(nb))
-    nbmod.scrub_executed(path)
+    tutorial.scrub_executed(path)
     out = json.loads(path.read_text())
     text = json.dumps(out["cells"][0]["outputs"][0]) + json.dumps(out["metadata"])
-    assert home not in text and str(nbmod.repo_root()) not in text
+    assert home not in text and str(repo_root()) not in text
     assert "~/logs/a.log" in text and "./build" in text
     assert out["cells"][0]["outputs"][1]["data"]["text/markdown"] == "$KTUTORIAL_HOME/models"
     assert out["cells"][0]["outputs"][1]["data"]["image/png"] == "iVBOR/root/xx"  # images untouched
@@ -123,7 +125,7 @@ def test_a_failing_notebook_stops_the_run_naming_cell_and_error(tmp_path, monkey
     nbformat.write(nb, root / "notebooks" / "00_check_and_plan.ipynb")
     monkeypatch.setattr(nbmod, "repo_root", lambda: root)
     with pytest.raises(UserError) as err:
-        nbmod.run_tutorial("tiny", tmp_path / "out", only=["00_check_and_plan"])
+        tutorial.run_tutorial("tiny", tmp_path / "out", only=["00_check_and_plan"])
     message = str(err.value)
     assert "00_check_and_plan failed in code cell 3" in message and "'ratio = 1 / 0'" in message
     assert "ZeroDivisionError" in message and "00_check_and_plan.ipynb" in message
@@ -180,7 +182,7 @@ def tutorial_build(tmp_path_factory):
     reuse = os.environ.get("KTUTORIAL_TUTORIAL_BUILD")
     if reuse:
         out = Path(reuse).resolve()
-        executed = [out / "notebooks" / f"{n}.ipynb" for n in nbmod.NOTEBOOKS]
+        executed = [out / "notebooks" / f"{n}.ipynb" for n in NOTEBOOKS]
         missing = [p.name for p in executed if not p.is_file()]
         assert not missing, f"KTUTORIAL_TUTORIAL_BUILD={reuse} lacks {missing}: run `make tutorial`"
         assert (out / "site" / "index.html").is_file(), f"{reuse}/site is not built: run `make tutorial`"
@@ -188,8 +190,8 @@ def tutorial_build(tmp_path_factory):
         assert oldest >= _newest_source_mtime(), f"{reuse} is older than the sources: run `make tutorial` again"
         return out
     out = tmp_path_factory.mktemp("tutorial") / "build"
-    result = nbmod.run_tutorial("tiny", out)
-    assert [r.name for r in result.runs] == nbmod.NOTEBOOKS
+    result = tutorial.run_tutorial("tiny", out)
+    assert [r.name for r in result.runs] == NOTEBOOKS
     import typer.main
 
     from ktutorial.cli import app
@@ -206,10 +208,10 @@ def tutorial_build(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", nbmod.NOTEBOOKS)
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_executed_notebook_has_no_errors_a_chart_and_the_stamp(tutorial_build, name):
     path = tutorial_build / "notebooks" / f"{name}.ipynb"
-    assert nbmod.error_cells(path) == []
+    assert tutorial.error_cells(path) == []
     nb = json.loads(path.read_text())
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
@@ -239,7 +241,7 @@ MUST_NOT_SHOW = ["is not installed here", "No sweep records"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", nbmod.NOTEBOOKS)
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_executed_notebook_shows_what_it_is_for(tutorial_build, name):
     nb = json.loads((tutorial_build / "notebooks" / f"{name}.ipynb").read_text())
     shown = ""
@@ -315,7 +317,7 @@ def _browse(url: str, screenshot: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", nbmod.NOTEBOOKS)
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_site_page_renders_the_executed_outputs_in_chromium(site_url, name):
     screenshot = SCREENSHOTS / f"{name}.png"
     dom = _browse(f"{site_url}/notebooks/{name}/", screenshot)

@@ -7,6 +7,7 @@ import os
 import socket
 
 import pytest
+from pydantic import ValidationError
 
 from ktutorial import results
 from ktutorial.results import RecordError
@@ -79,9 +80,35 @@ def test_validate_names_the_problem(mutate, message):
 def test_make_record_scrubs_paths_and_converts_numpy():
     np = pytest.importorskip("numpy")
     home = os.path.expanduser("~")
-    rec = results.make_record("x", {"model_path": os.path.join(home, "m.gguf")}, {"v": np.float32(2.5)})
+    rec = results.make_record("host_bandwidth", {"threads": 1, "model_path": os.path.join(home, "m.gguf")},
+                              {"copy_gb_s": np.float32(2.5)})
     assert rec["params"]["model_path"] == "~/m.gguf"
-    assert rec["metrics"]["v"] == 2.5 and type(rec["metrics"]["v"]) is float
+    assert rec["metrics"]["copy_gb_s"] == 2.5 and type(rec["metrics"]["copy_gb_s"]) is float
+
+
+def test_an_unknown_kind_or_a_missing_field_is_refused_with_the_fix():
+    with pytest.raises(RecordError, match=r"unknown record kind 'bnech'.*bench.*results.KINDS"):
+        results.make_record("bnech", {"input_len": 1}, {})
+    with pytest.raises(RecordError, match=r"bench record lacks params output_len: pass it to make_record"):
+        results.make_record("bench", {"input_len": 128}, {"ttft_s": 1.0, "e2e_s": 2.0, "output_tokens": 2,
+                                                         "prefill_tok_s": 128.0, "decode_tok_s": 1.0})
+    # each kind is a pydantic model, discriminated by its kind; extra fields are kept
+    model = results.KINDS["routing"].model
+    rec = results.make_record("routing", {"strategy": "uniform", "gpu_experts_per_layer": 2, "seed": 0},
+                              {"gpu_activation_share": 0.5})
+    bad = {**rec, "metrics": {"gpu_activation_share": float("inf")}}
+    with pytest.raises(RecordError, match=r"routing record: metrics: .*gpu_activation_share is inf: store null"):
+        results.validate_record(bad)
+    assert model.model_validate(rec).params.seed == 0
+    with pytest.raises(ValidationError, match="routing"):
+        model.model_validate({**rec, "kind": "bench"})
+
+
+def test_every_committed_record_has_a_known_kind_and_its_fields():
+    from pathlib import Path
+
+    recs = results.load_records(Path(__file__).resolve().parent.parent / "results")
+    assert len({r["kind"] for r in recs}) >= 8 and {r["kind"] for r in recs} <= set(results.KINDS)
 
 
 def test_compare_groups_by_declared_keys():

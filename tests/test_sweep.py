@@ -151,13 +151,13 @@ def test_model_dir_knob_serves_another_checkpoint_and_names_it(tmp_path):
 
 
 def test_a_sweep_that_measured_nothing_fails_the_notebook_naming_the_diagnoses():
-    """04_tuning_sweeps ends with nb.sweep_observations: a sweep whose every combination failed
+    """04_tuning_sweeps ends with report.sweep_observations: a sweep whose every combination failed
     must stop the tutorial run, not render an empty observation."""
-    from ktutorial import notebooks as nb
+    from ktutorial import report
 
     failure = results.make_record("sweep_failure", {"combination_key": "k1", "sweep": "tiny"},
                                   {"error": "ServerStartError: died", "diagnosis": "port in use: pick another"})
     with pytest.raises(UserError, match=r"the sweep measured nothing: 1 combination\(s\) failed \(port in use"):
-        nb.sweep_observations([failure])
+        report.sweep_observations([failure])
     with pytest.raises(UserError, match="no records were written"):
-        nb.sweep_observations([])
+        report.sweep_observations([])
