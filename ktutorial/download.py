@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: it warns at import in a kernel without ipywidgets
 
 from ktutorial.errors import UserError
 from ktutorial.spec import ModelSpec, SpecError, known_model, known_models
