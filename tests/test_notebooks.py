@@ -123,7 +123,7 @@ def test_a_failing_notebook_stops_the_run_naming_cell_and_error(tmp_path, monkey
     nb = new_notebook(cells=[params, new_code_cell("x = 1"), new_code_cell("ratio = 1 / 0")])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, root / "notebooks" / "00_check_and_plan.ipynb")
-    monkeypatch.setattr(nbmod, "repo_root", lambda: root)
+    monkeypatch.setattr(tutorial, "repo_root", lambda: root)
     with pytest.raises(UserError) as err:
         tutorial.run_tutorial("tiny", tmp_path / "out", only=["00_check_and_plan"])
     message = str(err.value)
