@@ -23,7 +23,9 @@ keeps a margin for their error and says so.
 
 from __future__ import annotations
 
+import json
 import math
+from importlib import resources
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -247,8 +249,31 @@ def _default_paths(spec: ModelSpec) -> tuple[str, str]:
     return f"~/models/{spec.name}", spec.name
 
 
+def engine_threads_measured() -> dict[str, dict[str, Any]]:
+    """Decode through the real engine by --kt-cpuinfer on the GPU host (data/perfmodel_fit.json,
+    written by perfmodel from the committed records): the evidence behind the thread rule."""
+    text = (resources.files("ktutorial") / "data" / "perfmodel_fit.json").read_text()
+    return json.loads(text).get("engine_threads") or {}
+
+
+def _engine_evidence(measured: dict[str, dict[str, Any]]) -> str:
+    if not measured:
+        return ""
+    ranked = sorted(measured.items(), key=lambda kv: -kv[1]["engine_tok_s"])
+    cpus = ranked[0][1].get("host_logical_cpus")
+    listing = ", ".join(f"{t}: {v['engine_tok_s']:.0f} tok/s" for t, v in ranked)
+    return (f"; through SGLang + KT itself on a {cpus}-vCPU host, every expert on the CPU, decode by --kt-cpuinfer "
+            f"was {listing} (results/gpu-host-2026-12-06-m21-perf.jsonl)")
+
+
 def _cpuinfer(hw: Hardware, tp: int) -> tuple[int, str]:
     cores, logical, pools = hw.physical_cores, hw.logical_cpus, max(1, hw.numa_nodes)
+    measured = engine_threads_measured()
+    best = max(measured, key=lambda t: measured[t]["engine_tok_s"]) if measured else None
+    if (best is not None and not hw.smt and pools == 1
+            and logical == measured[best].get("host_logical_cpus")):
+        return int(best), (f"{best} of {logical} CPUs: the best --kt-cpuinfer of the real engine's own sweep on a "
+                           f"machine of this size{_engine_evidence(measured)}")
     if hw.smt:
         threads = cores
         why = (f"{cores} physical cores, not the {logical} hyperthreads: the FP8 kernel fills a core's "
@@ -259,7 +284,7 @@ def _cpuinfer(hw: Hardware, tp: int) -> tuple[int, str]:
         threads = max(1, cores - reserve)
         why = (f"{cores} cores without hyperthreads: {min(reserve, cores - 1) if cores > 1 else 0} left for "
                f"SGLang's scheduler{'s' if tp > 1 else ''} and kt's submitting thread (FACTS: decode was "
-               "best at 14 of 16 vCPUs and 4x slower with all 16 busy)")
+               "best at 14 of 16 vCPUs and 4x slower with all 16 busy)" + _engine_evidence(measured))
     if threads >= pools and threads % pools:
         threads -= threads % pools
         why += f"; rounded down to a multiple of the {pools} thread pools"

@@ -81,14 +81,19 @@ def _run(cmd: Sequence[str], cwd: Optional[str] = None, timeout: float = 10) -> 
 def _git() -> dict[str, Any]:
     """The commit of the ktutorial source tree, if the package runs from a git checkout."""
     pkg_dir = Path(__file__).resolve().parent
+    # Named by whoever sent the tree (results/gpu-host.sh's caller): it wins, because a GPU host's
+    # copy of .git can be older than the tree beside it (seen 2026-12-06: git then named the
+    # session's first commit, dirty, for a tree that was exactly a later commit).
+    passed = os.environ.get("KTUTORIAL_GIT_SHA")
+    if passed:
+        return {"git_sha": passed, "git_dirty": False}
     top = _run(["git", "rev-parse", "--show-toplevel"], cwd=str(pkg_dir))
     # Only our own checkout counts: an installed copy inside some other repository would
     # otherwise report that repository's commit.
     if not top or Path(top).resolve() != pkg_dir.parent:
         # A tree unpacked from `git archive` (how results/gpu-host.sh travels to a GPU host) has
-        # no .git: the commit it was archived from is passed in the environment instead.
-        sha = os.environ.get("KTUTORIAL_GIT_SHA")
-        return {"git_sha": sha or None, "git_dirty": False if sha else None}
+        # no .git: the commit it was archived from must be passed in KTUTORIAL_GIT_SHA instead.
+        return {"git_sha": None, "git_dirty": None}
     sha = _run(["git", "rev-parse", "HEAD"], cwd=top)
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=top)
     return {"git_sha": sha or None, "git_dirty": None if status is None else bool(status)}

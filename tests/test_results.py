@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,18 @@ def test_scrub_drops_the_folders_of_traceback_paths_a_server_sent():
     body = 'Input should be \'user\'\n\n  File "/opt/site/sglang/srt/entrypoints/http_server.py", line 9'
     assert results.scrub(body).endswith('File ".../http_server.py", line 9')
     assert results.scrub('File \\"/tmp/sg') == 'File \\".../sg'  # cut short, as a detail field keeps it
+
+
+def test_a_commit_passed_by_the_sender_wins_over_the_local_git(monkeypatch):
+    """A GPU host's copy of .git can lag the tree beside it: the commit named in
+    KTUTORIAL_GIT_SHA is the one records carry; without it, the checkout's own HEAD."""
+    import subprocess
+
+    from ktutorial import results as res
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=str(Path(res.__file__).parent)).stdout.strip()
+    monkeypatch.delenv("KTUTORIAL_GIT_SHA", raising=False)
+    assert res._git()["git_sha"] == head
+    monkeypatch.setenv("KTUTORIAL_GIT_SHA", "0" * 40)
+    assert res._git() == {"git_sha": "0" * 40, "git_dirty": False}
