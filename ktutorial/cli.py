@@ -221,6 +221,25 @@ def plan_cmd(
         raise typer.Exit(1)
 
 
+@app.command("published-launch")
+def published_launch_cmd(
+    name: str = typer.Argument("minimax-m2.5", help="A published launch or its model (data/published_launches.yaml)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the check as JSON."),
+) -> None:
+    """A tutorial's published launch command re-planned on the machine it names: fits or not, with
+    the numbers, and the RAM and storage the tutorial states checked against the arithmetic."""
+    from ktutorial import published_launch
+
+    check = published_launch.check_launch(name)
+    if json_out:
+        print_json(check)
+    else:
+        for line in published_launch.summary_lines(check):
+            console.print(line, highlight=False, soft_wrap=True)
+    if check["verdict"] != "fits":
+        raise typer.Exit(1)
+
+
 @app.command("download")
 def download_cmd(
     local_dir: str = typer.Option(..., "--local-dir", help="Folder to download into (created if needed)."),
