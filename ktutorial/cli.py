@@ -144,8 +144,10 @@ def doctor_cmd(
 
 @app.command("plan")
 def plan_cmd(
-    model: str = typer.Option("minimax-m2.1", "--model", help="A known model (ktutorial ships its config)."),
-    model_dir: Optional[str] = typer.Option(None, "--model-dir", help="A downloaded checkpoint folder (reads its config.json)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="A known model (ktutorial ships its config): minimax-m2.1 (the default), minimax-m2.5."),
+    model_dir: Optional[str] = typer.Option(
+        None, "--model-dir", help="A checkpoint folder: reads its config.json (any MiniMax-M2-architecture model)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Describe a GPU: NAME:GB, e.g. 'RTX 5090:32' (the maker's GB, i.e. GiB)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="How many of --gpu."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size (default: the most GPUs the model splits over)."),
@@ -219,6 +221,25 @@ def plan_cmd(
         raise typer.Exit(1)
 
 
+@app.command("published-launch")
+def published_launch_cmd(
+    name: str = typer.Argument("minimax-m2.5", help="A published launch or its model (data/published_launches.yaml)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the check as JSON."),
+) -> None:
+    """A tutorial's published launch command re-planned on the machine it names: fits or not, with
+    the numbers, and the RAM and storage the tutorial states checked against the arithmetic."""
+    from ktutorial import published_launch
+
+    check = published_launch.check_launch(name)
+    if json_out:
+        print_json(check)
+    else:
+        for line in published_launch.summary_lines(check):
+            console.print(line, highlight=False, soft_wrap=True)
+    if check["verdict"] != "fits":
+        raise typer.Exit(1)
+
+
 @app.command("download")
 def download_cmd(
     local_dir: str = typer.Option(..., "--local-dir", help="Folder to download into (created if needed)."),
@@ -239,6 +260,8 @@ def download_cmd(
         raise UserError("pass exactly one of --model NAME (e.g. --model minimax-m2.1) or --repo ORG/NAME")
     repo_id, default_rev = dl.repo_for_model(model) if model else (repo, "main")
     revision = revision or default_rev
+    if model and (note := dl.unpinned_note(model, revision)):
+        typer.echo(f"note: {note}", err=True)  # stderr: --json output stays one document
     if dry_run:
         plan = dl.plan_download(repo_id, local_dir, revision, include, endpoint)
         if json_out:

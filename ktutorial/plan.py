@@ -407,14 +407,17 @@ def make_plan(spec: ModelSpec, hardware: Hardware, goals: Optional[Goals] = None
     if "mem-fraction-static" in ov:
         mem_frac = float(ov["mem-fraction-static"])
         pool_room = mem_frac * capacity - static_fixed - experts_bytes
-        outside = (1 - mem_frac) * capacity
     else:
         pool_room = room - experts_bytes
-        outside = None
     max_pool = max(0, math.floor(pool_room / kv_tok)) if kv_tok else 0
     cap = cap_tokens if cap_tokens is not None else context
     pool_tokens = min(cap, max_pool)
-    if "mem-fraction-static" not in ov:
+    if "mem-fraction-static" in ov:
+        # sglang allocates min(the fraction's pool, max-total-tokens) (model_runner_kv_cache_mixin.
+        # init_memory_pool) and the command always passes max-total-tokens: what the weights and
+        # the pool leave is free for prefill, the fraction's unused part included.
+        outside = capacity - (static_fixed + experts_bytes + pool_tokens * kv_tok)
+    else:
         static_needed = static_fixed + experts_bytes + pool_tokens * kv_tok
         mem_frac = math.ceil(static_needed / capacity * 1000) / 1000 if capacity else 0.0
         outside = capacity - mem_frac * capacity
@@ -471,12 +474,14 @@ def make_plan(spec: ModelSpec, hardware: Hardware, goals: Optional[Goals] = None
             passes.append(f"VRAM per GPU: {gib(gpu_needed):.1f} of {card}: {breakdown(pool_tokens)}")
         if "mem-fraction-static" in ov and outside is not None and outside < dyn + margin:
             failures.append(
-                f"mem-fraction-static {mem_frac:g} leaves {gib(outside):.1f} GiB per GPU outside the static pool, "
+                f"mem-fraction-static {mem_frac:g} grows the KV pool to {pool_tokens:,} tokens and leaves "
+                f"{gib(outside):.1f} GiB per GPU outside the weights and the pool, "
                 f"but prefill needs {gib(dyn + margin):.1f} GiB there (layerwise layer "
                 f"{gib(dyn_parts['layerwise_prefill_layer']):.1f} + activations "
                 f"{gib(dyn_parts['activations'] + dyn_parts['kt_staging_buffer']):.1f} for chunk {chunk} + reserve "
                 f"{gib(reserve + margin):.1f}): lower it to "
-                f"{math.floor((capacity - dyn - margin) / capacity * 100) / 100:.2f} or lower chunked-prefill-size")
+                f"{math.floor((capacity - dyn - margin) / capacity * 100) / 100:.2f}, cap the pool with a lower "
+                "max-total-tokens, or lower chunked-prefill-size")
         if cap_tokens is not None and context <= pool_tokens < cap_tokens:
             notes.append(f"max-total-tokens {cap_tokens:,} is a cap: sglang sizes the KV pool from "
                          f"mem-fraction-static, about {pool_tokens:,} tokens here (all {cap_tokens:,} in "
