@@ -1025,6 +1025,89 @@ def hybrid_routing(
     console.print(f"chart: {study['chart']}\nrecords: {study['records']}")
 
 
+# ---- placement from recorded traffic (SGLang-KT's expert recorder) ----------------------------
+placement_app = typer.Typer(
+    no_args_is_help=True,
+    help="Which experts live on the GPU: record SGLang-KT's expert traffic, place by it, score it on held-out prompts.",
+)
+app.add_typer(placement_app, name="placement")
+
+
+@placement_app.command("record")
+def placement_record(
+    out: str = typer.Option(..., "--out", help="The placement file to write (.pt; a .json summary goes beside it)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="The SGLang-KT server (default: the one ktutorial started)."),
+    dump_dir: Optional[str] = typer.Option(None, "--dump-dir", help="The folder the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR names (sglang's default: /tmp)."),
+    prompts: str = typer.Option("placement", "--prompts", help="A shipped prompt set or a .yaml with train: and heldout: lists."),
+    part: str = typer.Option("train", "--part", help="train or heldout."),
+    output_tokens: Optional[int] = typer.Option(None, "--output-tokens", help="Tokens generated per prompt (default: the prompt set's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Record a prompt set's expert traffic on a running SGLang-KT server (launched with
+    --expert-distribution-recorder-mode stat) and write the file that
+    --kt-expert-placement-strategy frequency --init-expert-location reads back."""
+    import os
+
+    from ktutorial import bench, placement
+
+    got = placement.record_placement(
+        base_url or bench.default_base_url(), out, prompt_set=prompts, part=part, output_tokens=output_tokens,
+        dump_dir=dump_dir or os.environ.get(placement.RECORDER_DIR_ENV) or placement.SGLANG_DEFAULT_RECORDER_DIR,
+    )
+    if as_json:
+        print_json(got)
+    else:
+        console.print(f"{got['requests']} requests, {got['passes']} forward passes, {got['activations']} expert "
+                      f"activations recorded\nplacement file: {got['placement_file']} (summary "
+                      f"{got['summary_file']})\nread back with: --kt-expert-placement-strategy frequency "
+                      f"--init-expert-location {got['placement_file']}", highlight=False, soft_wrap=True)
+
+
+@placement_app.command("compare")
+def placement_compare(
+    profile: str = typer.Option(..., "--profile", help="An SGLang-KT profile: tiny-sglang, minimax-m2.1-synth, minimax-m2.1."),
+    gpu_experts: Optional[int] = typer.Option(None, "--gpu-experts", help="GPU experts per layer (default: the profile's or the plan's)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Append the two placement_share records to this JSONL file."),
+    prompts: str = typer.Option("placement", "--prompts", help="A shipped prompt set or a .yaml with train: and heldout: lists."),
+    model_dir: Optional[str] = typer.Option(None, "--model-dir", help="Serve this checkpoint folder instead of the profile's."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Plan for a described GPU (NAME:GB), e.g. to --dry-run without one."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the two launch commands; start nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Uniform against recorded placement, through the engine: launch A (uniform) records the
+    training and held-out prompts; launch B (frequency, from A's training traffic) serves the
+    held-out prompts; the share of expert activations on GPU experts is measured for both."""
+    from ktutorial import placement
+
+    info = placement.compare(profile, gpu_experts, out=out, prompt_set=prompts, model_dir=model_dir,
+                             plan_options={"gpu": gpu} if gpu else None, dry_run=dry_run)
+    shown = placement.comparison_json(info)
+    if as_json:
+        print_json(shown)
+        return
+    if dry_run:
+        for strategy, command in shown["commands"].items():
+            console.print(f"[bold]{strategy}[/]: {command}", highlight=False, soft_wrap=True)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"Expert activations on GPU experts, held-out prompts ({shown['gpu_experts_per_layer']} "
+                        f"GPU experts a layer, {shown['profile']})")
+    for col in ("placement", "share", "decode", "prefill", "predicted", "GPU experts by layer", "decode tok/s"):
+        table.add_column(col)
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    for r in shown["rows"]:
+        table.add_row(r["strategy"], pct(r["share"]), pct(r["decode_share"]), pct(r["prefill_share"]),
+                      pct(r["predicted_share"]), " ".join(map(str, r["gpu_experts_by_layer"])),
+                      "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}")
+    console.print(table)
+    console.print(f"recorded minus uniform: {100 * shown['gain']:+.1f} points"
+                  + (f"; records: {out}" if out else ""), highlight=False)
+
+
 # ==== end section: inside kt ================================================================
 
 # ==== section: tutorial (tutorial, docs) ====================================================

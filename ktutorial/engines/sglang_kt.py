@@ -120,6 +120,16 @@ FLAGS: dict[str, Flag] = {
     "kt-expert-placement-strategy": Flag("str", "which experts start on the GPU",
                                          choices=("uniform", "frequency", "front-loading", "random")),
     "enable-mixed-chunk": Flag("bool", "decode and prefill in the same batch"),
+    # The expert-distribution recorder (POST /start_, /stop_, /dump_expert_distribution_record)
+    # and the frequency placement that reads its counts back (ktutorial.placement).
+    "expert-distribution-recorder-mode": Flag("str", "stat: count each expert's activations per forward pass, "
+                                                     "dumped as logical_count [passes, layers, experts]",
+                                              choices=("stat", "per_pass", "per_token")),
+    "expert-distribution-recorder-buffer-size": Flag("int", "forward passes the recorder keeps: -1 keeps every "
+                                                            "one (unset, a ring of 1000 drops the oldest)", minimum=-1),
+    "record-kt-gpu-expert-distribution": Flag("bool", "the recorder also dumps each forward pass's GPU-expert masks"),
+    "init-expert-location": Flag("str", "with --kt-expert-placement-strategy frequency: the .pt of recorded counts "
+                                        "(logical_count) whose busiest experts go on the GPU"),
 }
 _ALIASES = {"model": "model-path", "tp-size": "tensor-parallel-size", "tp": "tensor-parallel-size"}
 # Flags whose override re-plans (render_command, plan.make_plan): derived, so it cannot drift from FLAGS.
@@ -295,6 +305,20 @@ def validate_settings(settings: dict[str, Any], spec: Any = None) -> dict[str, A
         threads = out.get("kt-cpuinfer")
         if threads is not None and threads < pools:
             problems.append(f"--kt-cpuinfer {threads} < --kt-threadpool-count {pools}: each pool needs a thread")
+    if out.get("expert-distribution-recorder-buffer-size") == 0:
+        problems.append("--expert-distribution-recorder-buffer-size 0: the recorder's ring would hold nothing "
+                        "(sglang fails on the first forward pass); use -1 to keep every pass")
+    if out.get("record-kt-gpu-expert-distribution") and not out.get("expert-distribution-recorder-mode"):
+        problems.append("--record-kt-gpu-expert-distribution without --expert-distribution-recorder-mode: sglang "
+                        "then records nothing; add --expert-distribution-recorder-mode stat")
+    if out.get("kt-expert-placement-strategy") == "frequency":
+        location = str(out.get("init-expert-location") or "")
+        if not location.endswith(".pt"):
+            # sglang-kt reads counts only from a path ending in .pt; otherwise it ranks all-equal
+            # counts and the GPU experts fall wherever torch.topk breaks the ties.
+            problems.append("--kt-expert-placement-strategy frequency without --init-expert-location FILE.pt: "
+                            "sglang-kt then has no counts and places arbitrarily; record some traffic "
+                            "(`ktutorial placement record`) and pass its .pt")
     if spec is not None:
         n = out.get("kt-num-gpu-experts")
         if n is not None and n > spec.num_experts:
@@ -511,7 +535,8 @@ def check_with_real_parser(commands: Sequence[Sequence[str]], python: Optional[s
 
 
 class SGLangAPI(EngineAPI):
-    """SGLang's native routes: /tokenize, /server_info, /flush_cache and the streamed /generate."""
+    """SGLang's native routes: /tokenize, /server_info, /flush_cache, the streamed /generate and
+    the expert-distribution recorder (start, stop, dump)."""
 
     name = "sglang-kt"
     route = "/generate"
@@ -572,6 +597,55 @@ class SGLangAPI(EngineAPI):
             except (OSError, ValueError):
                 pass
         return out
+
+    # -- the expert-distribution recorder (a server launched with --expert-distribution-recorder-mode)
+
+    def server_info(self) -> dict:
+        """/server_info: every server argument the engine runs with."""
+        r = self.http.get(self.base_url + "/server_info", timeout=30)
+        if r.status_code != 200:
+            raise UserError(f"/server_info on {self.base_url} answered HTTP {r.status_code}: {r.text[:200]}")
+        return r.json()
+
+    def recorder_settings(self) -> dict:
+        """The recorder and placement settings the server runs with; refuses a server whose
+        recorder is off (sglang's scheduler raises on /start_expert_distribution_record then)."""
+        info = self.server_info()
+        keys = ("expert_distribution_recorder_mode", "expert_distribution_recorder_buffer_size",
+                "record_kt_gpu_expert_distribution", "kt_expert_placement_strategy", "kt_num_gpu_experts",
+                "kt_enable_dynamic_expert_update", "kt_gpu_prefill_token_threshold", "init_expert_location")
+        settings = {k: info.get(k) for k in keys}
+        mode = settings["expert_distribution_recorder_mode"]
+        if mode != "stat":
+            raise UserError(
+                f"the server at {self.base_url} runs with --expert-distribution-recorder-mode {mode}: relaunch it with "
+                "--expert-distribution-recorder-mode stat --expert-distribution-recorder-buffer-size -1 "
+                "(`ktutorial serve --set expert-distribution-recorder-mode=stat --set "
+                "expert-distribution-recorder-buffer-size=-1`) to count expert activations")
+        return settings
+
+    def _recorder(self, action: str) -> None:
+        route = f"/{action}_expert_distribution_record"
+        try:
+            # dump answers once the scheduler has written the file
+            r = self.http.post(self.base_url + route, timeout=300)
+        except httpx.HTTPError as exc:
+            raise UserError(f"{route} on {self.base_url} failed: {exc}") from exc
+        if r.status_code != 200:
+            raise UserError(f"{route} on {self.base_url} answered HTTP {r.status_code}: {r.text[:300]}")
+
+    def start_expert_record(self) -> None:
+        """Clear the recorder and start counting expert activations."""
+        self._recorder("start")
+
+    def stop_expert_record(self) -> None:
+        self._recorder("stop")
+
+    def dump_expert_record(self) -> None:
+        """Write what was counted into the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR
+        (expert_distribution_recorder_<time>.pt, and gpu_expert_distribution_<time>.pt with
+        --record-kt-gpu-expert-distribution), then clear the recorder."""
+        self._recorder("dump")
 
     def before_request(self):
         # The flush is refused while requests run; one request at a time means it succeeds,
