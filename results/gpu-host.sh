@@ -20,7 +20,10 @@
 #            engine over --kt-cpuinfer 14/16/12/8 with every expert on the CPU (sweep
 #            minimax-m2.1-synth-depth), prompts of 8192 and 32768 tokens (minimax-m2.1-synth-long), and
 #            kt-kernel alone at the same thread counts (kernel-bench, decode and a 2048-token chunk)
-#            (perf is not in the default list: run it by name)
+#   placement uniform against recorded expert placement on held-out prompts (`ktutorial placement
+#            compare`), on the tiny and on a 2-layer M2.1-width checkpoint with skewed routing
+#            (KTUTORIAL_PLACEMENT_SYNTH=0 skips the latter)
+#            (perf and placement are not in the default list: run them by name)
 #
 # The GPU host's python3 must hold torch with CUDA and sglang-kt. With no network there, the offline
 # bundle of sglang-kt (../shared/sglang-gpu-host) is unpacked first when KTUTORIAL_GPU_BUNDLE names it,
@@ -187,6 +190,23 @@ step_perf() {
   done
   log "kernel-bench --threads 16,12,8"; kernel 16,12,8
   log "processes left after the sweeps: $(leftover)"
+}
+
+step_placement() {  # uniform against recorded placement on held-out prompts, through the engine
+  log "placement compare --profile tiny-sglang --gpu-experts 4"
+  kt placement compare --profile tiny-sglang --gpu-experts 4 --out "$records" --json \
+    > "$out/placement-tiny.json" 2>&1 || { log "placement tiny failed:"; tail -5 "$out/placement-tiny.json"; }
+  log "processes left: $(leftover)"
+  [ "${KTUTORIAL_PLACEMENT_SYNTH:-1}" = 1 ] || return 0
+  d="$HOME/models/MiniMax-M2.1-synth-skewed-2l"
+  [ -f "$d/model.safetensors.index.json" ] || kt synth --layers 2 --routing skewed --out "$d" --force --json \
+    > "$out/synth-skewed.json" || { log "synth skewed failed"; return 1; }
+  [ "$(remaining)" -gt 200 ] || { log "placement synth skipped: out of time"; return 1; }
+  log "placement compare --profile minimax-m2.1-synth (skewed routing) --gpu-experts 16"
+  timeout "$(remaining)" python3 -m ktutorial placement compare --profile minimax-m2.1-synth --model-dir "$d" \
+    --gpu-experts 16 --out "$records" --json > "$out/placement-synth.json" 2>&1 \
+    || { log "placement synth failed:"; tail -5 "$out/placement-synth.json"; }
+  log "processes left: $(leftover)"
 }
 
 for step in $steps; do "step_$step"; done
