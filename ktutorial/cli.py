@@ -558,14 +558,33 @@ def bench(
     repeats: Optional[int] = typer.Option(None, "--repeats"),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="unrecorded requests before each length"),
     config: Optional[str] = typer.Option(None, "--config", help="label of this configuration in tables"),
+    concurrency: Optional[str] = typer.Option(
+        None, "--concurrency", help="load benchmark: requests in flight at once, one level after another, e.g. 1,2,4,8"),
+    request_rate: Optional[str] = typer.Option(
+        None, "--request-rate", help="with --concurrency: Poisson arrivals at this many req/s (default inf: all at once)"),
+    num_requests: Optional[int] = typer.Option(
+        None, "--num-requests", help="with --concurrency: requests per level (default 4 × concurrency, at least 8)"),
+    seed: int = typer.Option(0, "--seed", help="with --request-rate: the arrival times' seed"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Single-request prefill/decode benchmark against a running server; writes records."""
+    """Single-request prefill/decode benchmark against a running server; writes records.
+
+    With --concurrency: the load benchmark instead (TTFT, ITL, TPOT and E2E percentiles,
+    requests/s and output tok/s at each level), one `load` record a level."""
     from ktutorial import bench as benchmod
     from ktutorial import results
 
     url, profile = _bench_defaults(base_url)
     defaults = profile.bench if profile else None
+    if concurrency is None:
+        if request_rate is not None or num_requests is not None:
+            raise UserError("--request-rate and --num-requests belong to the load benchmark: add --concurrency 1,2,4,8")
+    else:
+        if repeats is not None:
+            raise UserError("--repeats is the single-request benchmark's: with --concurrency give --num-requests")
+        _bench_load(url, profile, out, concurrency, request_rate, num_requests, seed, input_lens, output_len, warmup,
+                    config, as_json)
+        return
     lens = benchmod.parse_lens(input_lens) if input_lens else (defaults.input_lens if defaults else [2048, 8192, 32768])
     out_len = output_len if output_len is not None else (defaults.output_len if defaults else 512)
     reps = repeats if repeats is not None else (defaults.repeats if defaults else 3)
@@ -588,6 +607,47 @@ def bench(
         table.add_row(str(g["key"]["input_len"]), cell(m["prefill_tok_s"]), cell(m["decode_tok_s"]),
                       cell(m["server_decode_tok_s"]), str(g["n"]))
     console.print(table)
+
+
+def _bench_load(url, profile, out, concurrency, request_rate, num_requests, seed, input_lens, output_len, warmup,
+                config, as_json) -> None:
+    """`bench --concurrency`: the load benchmark (ktutorial.load) at one input length."""
+    from ktutorial import bench as benchmod
+    from ktutorial import load
+
+    defaults = profile.bench if profile else None
+    levels = load.parse_concurrency(concurrency)
+    rate = load.parse_request_rate(request_rate)
+    if input_lens:
+        lens = benchmod.parse_lens(input_lens)
+        if len(lens) != 1:
+            raise UserError(f"the load benchmark runs one input length, got {lens}: pass one, e.g. --input-lens {lens[0]}")
+        length = lens[0]
+    else:  # the profile's shortest: many requests of its longest take long
+        length = defaults.input_lens[0] if defaults else 512
+    run = load.measure_load(
+        url, concurrency=levels, input_len=length,
+        output_len=output_len if output_len is not None else (defaults.output_len if defaults else 64),
+        num_requests=num_requests, request_rate=rate, seed=seed,
+        warmup=warmup if warmup is not None else (defaults.warmup if defaults else 1),
+        out=out, config=config, model_revision=benchmod.model_revision_for(profile) if profile else None,
+    )  # fmt: skip
+    if as_json:
+        print_json({"out": out, "records": len(run.records), "levels": [
+            {k: r["params"][k] for k in ("concurrency", "num_requests", "request_rate_req_s")}
+            | {k: v for k, v in r["metrics"].items() if k != "errors"} for r in run.records]})
+        return
+    console.print(run)
+    console.print(f"{len(run.records)} load records appended to {out}", highlight=False)
+    for warning in run.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    for rec in run.records:
+        if rec["metrics"]["failed"]:
+            first = rec["metrics"]["errors"][0]["error"]
+            err_console.print(f"[red]concurrency {rec['params']['concurrency']}: {rec['metrics']['failed']} of "
+                              f"{rec['params']['num_requests']} requests failed[/] (first error: {first})", highlight=False)
+    if any(rec["metrics"]["failed"] for rec in run.records):
+        raise typer.Exit(1)  # recorded, and a script still notices
 
 
 @app.command()

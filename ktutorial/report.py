@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from ktutorial import perfmodel, results
+from ktutorial import load, perfmodel, results
 from ktutorial.errors import UserError
 from ktutorial.results import field
 from ktutorial.tables import fmt, markdown_table, md_cell  # noqa: F401 (md_cell: callers import it from here)
@@ -434,6 +434,7 @@ def write_report(
 
     figures: list[Path] = []
     figures += plots.bench_vs_input_len(records, out, published=pub, config_key=config_key)
+    figures += plots.load_throughput_latency(records, out)
     figures += plots.sweep_by_knob(records, out)
     figures += plots.kernel_vs_threads(records, out)
     figures += plots.llamacpp_vs_kt(records, out)
@@ -470,6 +471,18 @@ def write_report(
                 "figures for fast models are not to be trusted.",
                 agree,
             ]
+    ltable_load = load.load_table(records)
+    if ltable_load:
+        sections += [
+            "## Under load: throughput and latency by concurrency",
+            "Each row: one concurrency level, N requests of exactly the stated input and output tokens, at most that "
+            "many in flight (arrivals all at once, or Poisson at the stated rate). Latencies are p50 / p90 / p99 in ms "
+            "over the level's requests: TTFT to the first token, ITL between streamed chunks (a chunk of k tokens "
+            "counts k gaps of its gap / k), TPOT = (E2E − TTFT) / (output tokens − 1), E2E to the last token; "
+            "req/s and output tok/s over the level's duration, SGLang bench_serving's definitions. \"(queued)\": "
+            "the level asks for more requests than the server runs at once, so the rest waited in its queue.",
+            ltable_load,
+        ]
     if pub:
         sections += [
             "## Published (KTransformers' MiniMax-M2.1 tutorial; not measured by ktutorial)",
@@ -520,6 +533,8 @@ def write_report(
         "records": len(records),
         "kinds": kinds,
         "bench": bench_summary(records, config_key),
+        "load": [{"params": {k: v for k, v in r["params"].items()}, "metrics": r["metrics"]}
+                 for r in records if r["kind"] == load.KIND],
         "kernel": kernel_summary(records),
         "best_threads": best,
         "figures": [p.name for p in figures],

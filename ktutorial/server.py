@@ -591,6 +591,8 @@ def llamacpp_launch(
     n_gpu_layers: Optional[int] = None,
     op_offload: bool = True,
     reasoning_format: str = "deepseek",
+    parallel: int = 1,
+    kv_unified: bool = False,
     ready_timeout_s: float = LLAMACPP_READY_TIMEOUT_S,
     dry_run: bool = False,
 ) -> Launch:
@@ -612,6 +614,8 @@ def llamacpp_launch(
         n_gpu_layers=n_gpu_layers,
         op_offload=op_offload,
         reasoning_format=reasoning_format,
+        parallel=parallel,
+        kv_unified=kv_unified,
         binary=binary,
     )
     config.validate()
@@ -705,6 +709,8 @@ def prepare(
     n_gpu_layers: Optional[int] = None,
     op_offload: Optional[bool] = None,
     reasoning_format: str = "deepseek",
+    parallel: Optional[int] = None,
+    kv_unified: Optional[bool] = None,
     ready_timeout_s: Optional[float] = None,
     plan_options: Optional[dict] = None,
 ) -> Launch:
@@ -753,6 +759,8 @@ def prepare(
             n_gpu_layers=n_gpu_layers if n_gpu_layers is not None else settings.get("n_gpu_layers"),
             op_offload=op_offload if op_offload is not None else bool(settings.get("op_offload", True)),
             reasoning_format=reasoning_format,
+            parallel=parallel if parallel is not None else int(settings.get("parallel", 1)),
+            kv_unified=kv_unified if kv_unified is not None else bool(settings.get("kv_unified", False)),
             ready_timeout_s=ready_timeout_s or LLAMACPP_READY_TIMEOUT_S,
             dry_run=dry_run,
         )

@@ -590,6 +590,13 @@ class SGLangAPI(EngineAPI):
         # every kt_* setting the engine actually runs with (the launch flags are what we asked for)
         kt = sorted(k for k in info if k.startswith("kt_") and k != "kt_weight_path")
         out = {f"server_{k}": info.get(k) for k in (*keep, *kt) if k in info}
+        # max_running_requests is the launch flag (null when left to SGLang); the scheduler's own
+        # figure, sized from the KV pool when the flag is unset, is in its internal state.
+        states = info.get("internal_states")
+        first = states[0] if isinstance(states, list) and states and isinstance(states[0], dict) else {}
+        effective = first.get("effective_max_running_requests_per_dp")  # per data-parallel rank: ktutorial runs one
+        if effective is not None:
+            out["server_effective_max_running_requests"] = effective
         if info.get("model_path"):  # the layer count (the server runs here: its folder is readable)
             try:
                 cfg = json.loads((Path(info["model_path"]).expanduser() / "config.json").read_text())
@@ -646,6 +653,10 @@ class SGLangAPI(EngineAPI):
         (expert_distribution_recorder_<time>.pt, and gpu_expert_distribution_<time>.pt with
         --record-kt-gpu-expert-distribution), then clear the recorder."""
         self._recorder("dump")
+
+    def max_running_requests(self):
+        got = self.describe()
+        return got.get("server_effective_max_running_requests") or got.get("server_max_running_requests")
 
     def before_request(self):
         # The flush is refused while requests run; one request at a time means it succeeds,
