@@ -23,7 +23,9 @@
 #   placement uniform against recorded expert placement on held-out prompts (`ktutorial placement
 #            compare`), on the tiny and on a 2-layer M2.1-width checkpoint with skewed routing
 #            (KTUTORIAL_PLACEMENT_SYNTH=0 skips the latter)
-#            (perf and placement are not in the default list: run them by name)
+#   load     tiny-sglang with --max-running-requests 8: replies, the single-request bench, then
+#            `bench --concurrency 1,2,4,8` and Poisson arrivals at 4 req/s; stop and count what is left
+#            (perf, placement and load are not in the default list: run them by name)
 #
 # The GPU host's python3 must hold torch with CUDA and sglang-kt. With no network there, the offline
 # bundle of sglang-kt (../shared/sglang-gpu-host) is unpacked first when KTUTORIAL_GPU_BUNDLE names it,
@@ -207,6 +209,27 @@ step_placement() {  # uniform against recorded placement on held-out prompts, th
     --gpu-experts 16 --out "$records" --json > "$out/placement-synth.json" 2>&1 \
     || { log "placement synth failed:"; tail -5 "$out/placement-synth.json"; }
   log "processes left: $(leftover)"
+}
+
+step_load() {  # under load: 1-8 requests at once through SGLang + KT, SGLang running up to 8 together
+  kt stop --all > /dev/null 2>&1  # `bench` without --base-url measures the server started last: this one
+  log "serve --profile tiny-sglang --set max-running-requests=8"
+  if ! kt serve --profile tiny-sglang --set max-running-requests=8 --detach --json > "$out/serve-load.json" \
+      2> "$out/serve-load.err"; then
+    log "serve failed:"; tail -40 "$out/serve-load.err"; return 1
+  fi
+  log "replies and the single-request bench (the SGLang adapter since engines own their HTTP)"
+  kt replies --out "$records" > "$out/replies-load.txt" 2>&1 || log "some replies differ (records say which)"
+  kt bench --input-lens 128,1024 --output-len 32 --repeats 2 --out "$records" > "$out/bench-load.txt" 2>&1 \
+    || log "single-request bench failed"
+  log "bench --concurrency 1,2,4,8 (512 tokens in, 64 out)"
+  kt bench --concurrency 1,2,4,8 --input-lens 512 --output-len 64 --config "tiny-sglang, max-running-requests 8" \
+    --out "$records" > "$out/load.txt" 2>&1 || log "load: some requests failed (the records say which)"
+  log "bench --concurrency 8 --request-rate 4 (Poisson arrivals, seed 0)"
+  kt bench --concurrency 8 --request-rate 4 --num-requests 32 --input-lens 512 --output-len 64 \
+    --config "tiny-sglang, max-running-requests 8" --out "$records" >> "$out/load.txt" 2>&1 \
+    || log "load at 4 req/s: some requests failed"
+  step_stop
 }
 
 for step in $steps; do "step_$step"; done
