@@ -817,7 +817,8 @@ def plan_for_profile(prof, **plan_options):
     plan = plan_for(model_dir=model_dir if present else None, **opts)
     if model_dir and not present:
         # Not downloaded yet (or not on this machine): plan from the shipped config, and still
-        # point the command at the profile's folder.
+        # point the command at the profile's folder (the goals too: a re-plan keeps it).
+        plan.goals.model_dir = model_dir
         for flag in ("model-path", "kt-weight-path"):
             if flag in plan.settings:
                 plan.settings[flag] = _replace(plan.settings[flag], value=model_dir)

@@ -204,6 +204,41 @@ def test_nothing_passing_is_a_result_and_writes_no_profile(synth_profile, tmp_pa
         tune.write_profile(run, tmp_path / "p.yaml")
 
 
+def test_the_command_runs_the_tune_writes_the_profile_and_exits_by_its_result(synth_profile, tmp_path, monkeypatch,
+                                                                               capsys):
+    """The CLI glue around run_tune (progress lines, records, --write-profile, the exit code), with
+    the launcher replaced: what a launch does is the real probe's test below."""
+    boundary = {"n": 131}
+
+    class FakeLauncher:
+        def __init__(self, *args, **kwargs):
+            self.engine = _fake_engine(boundary["n"], 32768, [])
+
+        def __call__(self, settings):
+            return self.engine(settings)
+
+    monkeypatch.setattr(tune, "ServerProbe", FakeLauncher)
+    out, written = tmp_path / "tune.jsonl", tmp_path / "mine.yaml"
+    argv = ["tune", "--profile", str(synth_profile), "--fraction-for-boundary", "128", "--out", str(out),
+            "--write-profile", str(written)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "boundary: kt-num-gpu-experts 131; 132 fails (launch_failed)" in " ".join(captured.out.split())
+    assert "probe kt-num-gpu-experts 132, chunked-prefill-size 32768: launch_failed" in captured.err
+    assert load_profile(str(written)).sglang[tune.EXPERTS] == 131
+    assert [r["kind"] for r in results.load_records(out)][-1] == "tune_result"
+
+    assert main([*argv, "--resume", "--json"]) == 0  # every probe recorded: nothing launches
+    again = json.loads(capsys.readouterr().out)
+    assert again["boundary"] == 131 and again["launches"] == 0 and again["reused"] == again["probes"]
+
+    boundary["n"] = -1
+    assert main(["tune", "--profile", str(synth_profile), "--fraction-for-boundary", "2", "--max", "4",
+                 "--out", str(tmp_path / "none.jsonl"), "--write-profile", str(tmp_path / "none.yaml")]) == 1
+    assert "no kt-num-gpu-experts in [0, 4] passed" in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "none.yaml").exists()
+
+
 # ---- the tuned profile -----------------------------------------------------------------------------
 
 
@@ -295,6 +330,37 @@ def test_the_kv_room_from_sglangs_log_and_the_diagnosis_of_a_pool_too_small():
     assert sglang_kt.kv_room_from_log("nothing loaded", 0.05, 8192) is None
     found = diagnose.diagnose("AssertionError: Memory pool size is too small", engine="sglang-kt")
     assert [d.id for d in found] == ["kv-cache-no-room"]
+
+
+def test_a_probes_hint_is_where_the_room_sglang_logged_would_just_hold_the_context(synth_profile, tmp_path):
+    """The arithmetic of the hint on a log shaped like sglang-kt's: 128 experts of 2 layers loaded
+    at a 0.0474984 static fraction leave 0.665 GiB of KV room, 13 experts' worth beyond 40,000 tokens."""
+    from types import SimpleNamespace
+
+    tp = tune.make_tune_plan(str(synth_profile), boundary_for_fraction=128)
+    probe = tune.ServerProbe(tp.profile, tp.context_tokens, expert_bytes=tp.expert_bytes,
+                             kv_bytes_per_token=tp.kv_bytes_per_token)
+    log = tmp_path / "sglang.log"
+    log.write_text("Load weight begin. avail mem=139.85 GB\nLoad weight end. elapsed=31.0 s, type=X, dtype=torch.bfloat16, "
+                   "avail mem=133.87 GB, mem usage=5.98 GB.\n")
+    srv = SimpleNamespace(launch=SimpleNamespace(command=["python", "-m", "sglang.launch_server", "--mem-fraction-static", "0.0474984"]),
+                          log_path=log)
+    settings = tp.settings(128)
+    details: dict = {}
+    room = math.floor((133.87 - 139.85 * (1 - 0.0474984)) * 2**30 / 8192)
+    assert probe._hint(srv, settings, {"server_max_total_num_tokens": 40000, "server_max_total_tokens": 40000},
+                       details) == 128 + math.floor((room - 40000) * 8192 / tp.expert_bytes) == 141
+    assert details["kv_room_tokens_from_log"] == room
+    # A pool below the cap is all the room there was: it says so exactly, without the log.
+    short = {"server_max_total_num_tokens": 40000 - 3 * 3456, "server_max_total_tokens": 40000}
+    assert probe._hint(srv, settings, short, {}) == 128 - 3
+    # FACTS: one FP8 expert is 14.16 MB (plus its block scales), in each of 2 layers; 8 KiB of KV a token
+    assert tp.expert_bytes == pytest.approx(2 * 14.16e6, rel=1e-3) and tp.kv_bytes_per_token == 8192
+
+
+def test_the_synth_profiles_own_folder_is_what_its_probes_launch(capsys):
+    assert main(["tune", "--profile", "minimax-m2.1-synth", "--dry-run"]) == 0
+    assert "--model-path ~/models/MiniMax-M2.1-synth-2l" in capsys.readouterr().out
 
 
 # ---- the real probe: llama.cpp on the tiny ----------------------------------------------------------
