@@ -1,7 +1,8 @@
 """Find the largest --kt-num-gpu-experts (then --chunked-prefill-size) that serves the planned context, by real launches.
 
 The planner (plan.py) estimates where GPU memory runs out; `tune` measures it. Each probe is one
-real launch through the one server lifecycle (server.serve, the same path as `ktutorial serve`),
+real launch through the one server lifecycle (server.prepare + Server.start, what `ktutorial serve`
+runs),
 one prompt of exactly the planned context (less the few output tokens) sent as token ids through
 the engine's adapter, then a stop, whatever happened. A probe ends in one of:
 
@@ -13,9 +14,10 @@ the engine's adapter, then a stop, whatever happened. A probe ends in one of:
 The search (`largest_passing`, pure, given a probe) starts where the planner predicts the boundary,
 steps up or down with doubling steps until a pass and a fail straddle it (within [--min, --max]),
 then bisects down to one expert. Where the engine's own numbers say where the boundary is (SGLang
-reports the KV pool it allocated: a refused prompt says by how many tokens it fell short, and the
-planner says how many tokens of pool one expert costs), the search tries that value and its
-neighbours before halving. At the expert count found it climbs a ladder of chunk sizes (powers of
+reports the KV pool it allocated when it is below the --max-total-tokens cap, and logs the free
+memory around the weights, which gives the room the pool had; the planner says how many bytes one
+expert costs), the search tries that value and its neighbours before halving: hints choose which
+probes to make, never the answer. At the expert count found it climbs a ladder of chunk sizes (powers of
 two from the plan's up to the first that holds the whole context) until one fails.
 
 Every probe is a `tune_probe` record, appended as it finishes; the end is a `tune_result` record
