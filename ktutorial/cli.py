@@ -717,6 +717,59 @@ def sweep(
                   f"{b['repeats']} repeats after {b['warmup']} warm-up")
 
 
+@app.command("tune")
+def tune_cmd(
+    profile: str = typer.Option(..., "--profile", help="An sglang-kt profile: minimax-m2.1, minimax-m2.1-synth, tiny-sglang, or a .yaml."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Fix a setting FLAG=VALUE, as `serve --set`; repeat it."),
+    min_experts: Optional[int] = typer.Option(None, "--min", help="Fewest GPU experts per layer to try (default 0)."),
+    max_experts: Optional[int] = typer.Option(None, "--max", help="Most GPU experts per layer to try (default: all of a layer's)."),
+    no_chunk: bool = typer.Option(False, "--no-chunk", help="Keep the plan's --chunked-prefill-size; search the experts only."),
+    context_tokens: Optional[int] = typer.Option(None, "--context-tokens", help="The context each probe's prompt fills (default: the profile's)."),
+    fraction_for_boundary: Optional[int] = typer.Option(
+        None, "--fraction-for-boundary",
+        help="Demonstration aid: set --mem-fraction-static where the planner puts the boundary at this many experts "
+             "(a GPU that holds every expert has no boundary to find)."),
+    out: Optional[str] = typer.Option(None, "--out", help="JSONL records file (default: tune-PROFILE.jsonl)."),
+    resume: bool = typer.Option(False, "--resume", help="Reuse the probes --out already holds for the same setup."),
+    write_profile: Optional[str] = typer.Option(None, "--write-profile", help="Write the tuned profile to this .yaml."),
+    ready_timeout: Optional[float] = typer.Option(None, "--ready-timeout", help="Seconds a probe's server may take to load."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the search plan and the first probe's command; start nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan (or the result) as JSON."),
+) -> None:
+    """Find the largest --kt-num-gpu-experts, then --chunked-prefill-size, that launches and serves a
+    prompt of the planned context, by real launches (bisection); every probe is a record, failures
+    with their diagnosis. Exits 1 when no expert count in the range passes."""
+    from ktutorial import tune
+
+    tune_plan = tune.make_tune_plan(profile, sets, lo=min_experts, hi=max_experts, context_tokens=context_tokens,
+                                    no_chunk=no_chunk, boundary_for_fraction=fraction_for_boundary)
+    if dry_run:
+        if json_out:
+            print_json(tune_plan.as_dict())
+        else:
+            console.print(tune_plan, soft_wrap=True)
+        return
+    out = out or f"tune-{tune_plan.profile.name}.jsonl"
+
+    def on_probe(settings, result, reused) -> None:
+        if json_out:
+            return
+        what = ", ".join(f"{k} {v}" for k, v in settings.items())
+        how = "recorded before" if reused else f"{result.wall_s:.0f} s"
+        err_console.print(f"probe {what}: {result.outcome} ({how}){': ' + result.diagnosis[:240] if result.diagnosis else ''}",
+                          highlight=False, soft_wrap=True)
+
+    run = tune.run_tune(tune_plan, out=out, resume=resume, ready_timeout_s=ready_timeout, on_probe=on_probe)
+    written = tune.write_profile(run, write_profile) if write_profile and run.boundary is not None else None
+    if json_out:
+        print_json({**run.as_dict(), "profile_written": str(written) if written else None})
+    else:
+        console.print(run)
+        console.print(f"records: {out}" + (f"; tuned profile: {written}" if written else ""), highlight=False)
+    if run.boundary is None:
+        raise typer.Exit(1)
+
+
 @app.command()
 def report(
     records: list[str] = typer.Argument(..., help="records files (JSONL) or folders of them"),

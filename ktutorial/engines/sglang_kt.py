@@ -16,7 +16,9 @@ Readiness and log diagnosis live in server.py and diagnose.py.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -402,19 +404,20 @@ def _args(name: str, value: Any) -> list[str]:
 
 
 def render_command(plan: Any, overrides: Optional[dict[str, Any]] = None, *, python: Optional[str] = None,
-                   expand_paths: bool = False) -> list[str]:
+                   expand_paths: bool = False, beyond_plan: bool = False) -> list[str]:
     """`python -m sglang.launch_server ...` for a Plan, validated.
 
     `overrides` (flag -> value; "--port" or "port") go on top; one that changes the memory
     arithmetic (experts, tokens, chunk, TP, ...) re-plans, and a re-plan that does not fit is
-    refused with its numbers. `python` defaults to this interpreter; `expand_paths` turns a
-    leading "~" into the home folder (for launching; leave it off for display).
+    refused with its numbers, unless `beyond_plan` (settings measured by `ktutorial tune`, or its
+    probes looking for where the real boundary lies). `python` defaults to this interpreter;
+    `expand_paths` turns a leading "~" into the home folder (for launching; leave it off for display).
     """
     overrides = {_flag_name(k): v for k, v in (overrides or {}).items()}
     memory = {k: v for k, v in overrides.items() if k in MEMORY_FLAGS}
     if memory:
         plan = plan.replan(memory)  # Plan's own method: this module does not import the planner
-        if not plan.fits:
+        if not plan.fits and not beyond_plan:
             raise SettingsError("the overrides do not fit: " + "; ".join(plan.reasons))
     values = {k: s.value for k, s in plan.settings.items()}
     values.update({k: v for k, v in overrides.items() if k not in memory})
@@ -529,6 +532,28 @@ def check_with_real_parser(commands: Sequence[Sequence[str]], python: Optional[s
     return json.loads(lines[-1])
 
 
+# ---- what the log says about memory -----------------------------------------------------------
+
+_WEIGHTS_BEGIN = re.compile(r"Load weight begin\. avail mem=(?P<gib>[0-9.]+) GB")
+_WEIGHTS_END = re.compile(r"Load weight end\..*?avail mem=(?P<gib>[0-9.]+) GB")
+
+
+def kv_room_from_log(log_text: str, mem_fraction_static: float, kv_bytes_per_token: float) -> Optional[int]:
+    """Tokens of KV pool the static fraction had room for, before any --max-total-tokens cap
+    (negative: that many short), from the free memory the log reports around the weights.
+
+    sglang-kt 0.7.2 sizes the pool as free-after-weights - free-at-start x (1 - fraction)
+    (model_runner_kv_cache_mixin.profile_max_num_token), and logs both free figures in GiB with
+    two decimals ("Load weight begin/end. ... avail mem=X GB"), so this is good to about 10 MiB.
+    None when the log lacks either line (the load did not get that far).
+    """
+    begin, end = _WEIGHTS_BEGIN.search(log_text or ""), _WEIGHTS_END.search(log_text or "")
+    if not begin or not end or not kv_bytes_per_token:
+        return None
+    room_gib = float(end["gib"]) - float(begin["gib"]) * (1 - float(mem_fraction_static))
+    return math.floor(room_gib * 2**30 / kv_bytes_per_token)
+
+
 # ---- the wire: SGLang's native routes, for the bench ------------------------------------------
 
 
@@ -584,9 +609,11 @@ class SGLangAPI(EngineAPI):
                     break
             except (httpx.HTTPError, ValueError):
                 continue
+        # max_total_tokens is the flag (a cap); max_total_num_tokens and max_req_input_len are what the
+        # scheduler allocated and accepts (its scheduler_info, merged into /server_info).
         keep = ("version", "chunked_prefill_size", "tp_size", "max_total_tokens", "attention_backend",
                 "mem_fraction_static", "disable_radix_cache", "max_running_requests", "context_length",
-                "reasoning_parser", "tool_call_parser")
+                "reasoning_parser", "tool_call_parser", "max_total_num_tokens", "max_req_input_len")
         # every kt_* setting the engine actually runs with (the launch flags are what we asked for)
         kt = sorted(k for k in info if k.startswith("kt_") and k != "kt_weight_path")
         out = {f"server_{k}": info.get(k) for k in (*keep, *kt) if k in info}
@@ -680,6 +707,12 @@ class SGLangAPI(EngineAPI):
         for t, chunk in self._sse("/generate", body, timeout_s):
             last = t
             meta = chunk.get("meta_info") or {}
+            finish = meta.get("finish_reason")
+            if isinstance(finish, dict) and finish.get("type") == "abort":
+                # The scheduler refuses a prompt longer than its KV pool or context this way, in a
+                # 200 stream (scheduler.py validate_input_length -> set_finish_with_abort).
+                raise UserError(f"{self.base_url}/generate: the server aborted the request "
+                                f"(HTTP {finish.get('status_code')}): {finish.get('message')}")
             done = meta.get("completion_tokens")
             if done is None:  # count output ids if meta_info is missing
                 done = len(times) + max(1, len(chunk.get("output_ids") or []))
