@@ -25,7 +25,9 @@
 #            (KTUTORIAL_PLACEMENT_SYNTH=0 skips the latter)
 #   load     tiny-sglang with --max-running-requests 8: replies, the single-request bench, then
 #            `bench --concurrency 1,2,4,8` and Poisson arrivals at 4 req/s; stop and count what is left
-#            (perf, placement and load are not in the default list: run them by name)
+#   tune     `ktutorial tune` on the 2-layer M2.1-width checkpoint, --mem-fraction-static set so the
+#            planner puts the --kt-num-gpu-experts boundary at 128 (KTUTORIAL_TUNE_ARGS adds options)
+#            (perf, placement, load and tune are not in the default list: run them by name)
 #
 # The GPU host's python3 must hold torch with CUDA and sglang-kt. With no network there, the offline
 # bundle of sglang-kt (../shared/sglang-gpu-host) is unpacked first when KTUTORIAL_GPU_BUNDLE names it,
@@ -230,6 +232,20 @@ step_load() {  # under load: 1-8 requests at once through SGLang + KT, SGLang ru
     --config "tiny-sglang, max-running-requests 8" --out "$records" >> "$out/load.txt" 2>&1 \
     || log "load at 4 req/s: some requests failed"
   step_stop
+}
+
+step_tune() {  # the --kt-num-gpu-experts boundary on this GPU, found by real launches
+  ensure_synth 2 || { log "synth failed"; return 1; }
+  kt tune --profile minimax-m2.1-synth --fraction-for-boundary 128 --dry-run > "$out/tune-plan.txt" 2>&1 \
+    || { log "tune plan refused:"; tail -5 "$out/tune-plan.txt"; return 1; }
+  [ "$(remaining)" -gt 150 ] || { log "tune skipped: out of time"; return 1; }
+  log "tune minimax-m2.1-synth (about 40 s a launch; run the step again to resume)"
+  timeout "$(remaining)" python3 -m ktutorial tune --profile minimax-m2.1-synth --fraction-for-boundary 128 \
+    ${KTUTORIAL_TUNE_ARGS:-} --ready-timeout 300 --out "$records" --resume \
+    --write-profile "$out/minimax-m2.1-synth-tuned.yaml" > "$out/tune.txt" 2> "$out/tune.err" \
+    || log "tune: no boundary found, or out of time"
+  tail -6 "$out/tune.err"; tail -8 "$out/tune.txt"
+  log "processes left after the tune: $(leftover)"
 }
 
 for step in $steps; do "step_$step"; done
