@@ -21,6 +21,9 @@
 #            minimax-m2.1-synth-depth), prompts of 8192 and 32768 tokens (minimax-m2.1-synth-long), and
 #            kt-kernel alone at the same thread counts (kernel-bench, decode and a 2048-token chunk)
 #            (perf is not in the default list: run it by name)
+#   hybrid   one MiniMax-M2.1 layer split between the GPU (SGLang's fused FP8 MoE) and kt-kernel (14
+#            threads): first `kernel-bench --gpu-probe` (the GPU half alone, a minute), then
+#            `kernel-bench --hybrid` over N = 0..256 GPU experts (about 3 minutes; not in the default list)
 #
 # The GPU host's python3 must hold torch with CUDA and sglang-kt. With no network there, the offline
 # bundle of sglang-kt (../shared/sglang-gpu-host) is unpacked first when KTUTORIAL_GPU_BUNDLE names it,
@@ -187,6 +190,17 @@ step_perf() {
   done
   log "kernel-bench --threads 16,12,8"; kernel 16,12,8
   log "processes left after the sweeps: $(leftover)"
+}
+
+step_hybrid() {
+  log "kernel-bench --gpu-probe (the GPU half alone: which kernel, its error, time against the roofline)"
+  timeout "$(remaining)" python3 -m ktutorial kernel-bench --gpu-probe --out "$records" > "$out/gpu-probe.txt" 2>&1 \
+    || { log "gpu probe failed:"; tail -30 "$out/gpu-probe.txt"; return 1; }
+  tail -12 "$out/gpu-probe.txt"
+  log "kernel-bench --hybrid --threads 14"
+  timeout "$(remaining)" python3 -m ktutorial kernel-bench --hybrid --threads 14 --out "$records" > "$out/hybrid.txt" 2>&1 \
+    || { log "hybrid failed:"; tail -40 "$out/hybrid.txt"; return 1; }
+  tail -25 "$out/hybrid.txt"
 }
 
 for step in $steps; do "step_$step"; done
