@@ -186,3 +186,79 @@ def test_ceilings_measure_here_with_the_host_clock():
     c.fp8_tflop_s = 2 * c.bf16_tflop_s
     assert c.rate_for(gm.GpuKernel(gm.KERNEL_FUSED, "t")) == (c.fp8_tflop_s, "fp8")
     assert c.rate_for(gm.GpuKernel(gm.KERNEL_GROUPED, "t")) == (c.bf16_tflop_s, "bf16")
+
+
+# ---------------------------------------------------------------------------------------------
+# against sglang-kt 0.7.2's own source (the parser venv holds the package; nothing is imported
+# from it: its GPU modules need CUDA)
+
+
+def _sglang_source(rel: str) -> str:
+    import glob
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    found = glob.glob(str(root / ".venv-sglang" / "lib" / "python*" / "site-packages" / "sglang" / rel))
+    if not found:
+        pytest.skip("sglang-kt's parser venv (.venv-sglang) is missing: run `make sglang-parser-env`")
+    return Path(found[0]).read_text()
+
+
+def _function(source: str, name: str):
+    import ast
+
+    node = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == name)
+    node.decorator_list = []  # its torch.compile: the arithmetic is what is compared
+    return node
+
+
+def test_remap_equals_sglang_kts_mask_and_remap_expert_ids():
+    import ast
+
+    node = _function(_sglang_source("srt/layers/moe/kt_ep_wrapper.py"), "mask_and_remap_expert_ids")
+    scope: dict = {"torch": torch}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), "kt_ep_wrapper.py", "exec"), scope)  # noqa: S102
+    theirs = scope["mask_and_remap_expert_ids"]
+    for seed, n in enumerate((0, 3, 40, 128, 256)):
+        g = torch.Generator().manual_seed(seed)
+        mask = _mask(256, torch.randperm(256, generator=g)[:n].tolist())
+        ids, _ = kb.random_routing(33, 256, 8, g)
+        l2s, _ = gm.gpu_slots(mask)
+        assert torch.equal(gm.remap_expert_ids(ids, mask, l2s), theirs(ids, mask, l2s)), n
+
+
+def test_gpu_half_calls_fused_experts_impl_as_its_signature_and_sglang_kt_expect(src):
+    """The call contract only (no numbers: the kernel runs on a GPU): GpuHalf's call binds to the
+    real parameter list of sglang-kt 0.7.2's fused_experts_impl, with SGLang's weight layout and ids."""
+    import inspect
+
+    node = _function(_sglang_source("srt/layers/moe/fused_moe_triton/fused_moe.py"), "fused_experts_impl")
+    P = inspect.Parameter
+    pos, n_defaults = node.args.args, len(node.args.defaults)
+    params = [P(a.arg, P.POSITIONAL_OR_KEYWORD, default=None if i >= len(pos) - n_defaults else P.empty) for i, a in enumerate(pos)]
+    params += [P(a.arg, P.KEYWORD_ONLY, default=None) for a in node.args.kwonlyargs]
+    sig = inspect.Signature(params)
+    calls = []
+
+    def fused_experts_impl(*args, **kwargs):
+        calls.append(sig.bind(*args, **kwargs).arguments)  # TypeError on a name it does not take
+        return torch.zeros_like(args[0])
+
+    mask = _mask(SH.experts, [2, 7, 11])
+    _, s2l = gm.gpu_slots(mask)
+    half = gm.GpuHalf(gm.GpuKernel(gm.KERNEL_FUSED, "call contract", fused_experts_impl), gm.Fp8Layer.from_experts(src).select(s2l), mask, "cpu")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, SH.hidden, generator=g).to(torch.bfloat16)
+    ids, w = kb.random_routing(5, SH.experts, SH.top_k, g)
+    half(x, ids, w)
+    (a,) = calls
+    assert a["hidden_states"] is x and a["topk_weights"] is w
+    assert a["w1"].dtype == torch.float8_e4m3fn and tuple(a["w1"].shape) == (3, 2 * SH.intermediate, SH.hidden)
+    assert tuple(a["w2"].shape) == (3, SH.hidden, SH.intermediate)
+    assert tuple(a["w1_scale"].shape) == (3, 2 * SH.intermediate // 128, SH.hidden // 128)
+    assert tuple(a["w2_scale"].shape) == (3, SH.hidden // 128, SH.intermediate // 128)
+    assert a["use_fp8_w8a8"] is True and a["block_shape"] == [128, 128] and a["filter_expert"] is True
+    assert a["topk_ids"].dtype == torch.int32 and ((a["topk_ids"] == -1) == ~mask[ids]).all()
+    full = gm.GpuHalf(gm.GpuKernel(gm.KERNEL_FUSED, "call contract", fused_experts_impl), gm.Fp8Layer.from_experts(src), _mask(SH.experts, range(SH.experts)), "cpu")
+    full(x, ids, w)
+    assert calls[-1]["filter_expert"] is False  # every expert local: as SGLang's fused_experts sets it
