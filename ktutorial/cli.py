@@ -800,10 +800,13 @@ def kernel_bench_cmd(
     prefill_tokens: Optional[str] = typer.Option(None, "--prefill-tokens", help="Prefill chunk sizes to time (default 128,512,1024,2048,4096 at m2.1 shape)."),
     shape: str = typer.Option("m2.1", "--shape", help="m2.1 (256 experts, 3072 x 1536, top 8) or tiny (a seconds-long check)."),
     llamacpp: bool = typer.Option(False, "--llamacpp", help="The same layer in llama.cpp: a random Q8_0 GGUF, CPU only."),
-    hybrid: bool = typer.Option(False, "--hybrid", help="One layer split: N experts on the GPU (torch), the rest on kt-kernel, at once."),
-    gpu_experts: Optional[str] = typer.Option(None, "--gpu-experts", help="--hybrid: experts on the GPU, per point (default 0,8,16,32,64,128,256)."),
+    hybrid: bool = typer.Option(False, "--hybrid", help="One layer split: N experts on the GPU (SGLang's fused FP8 MoE, or torch's grouped GEMM), the rest on kt-kernel, at once."),
+    gpu_experts: Optional[str] = typer.Option(None, "--gpu-experts", help="--hybrid: experts on the GPU, per point (default 0,8,16,32,64,128,256; --gpu-probe 8 and all)."),
     routing: str = typer.Option("random,skewed", "--routing", help="--hybrid: random and/or skewed (zipf-like) routing."),
-    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed decode calls per point (default 200; llama.cpp 2 requests; hybrid 30)."),
+    gpu_kernel: str = typer.Option("auto", "--gpu-kernel", help="--hybrid: auto (SGLang's fused FP8 MoE where sglang imports on CUDA, else torch's grouped GEMM), fused, or grouped."),
+    cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="--hybrid: replay the 1-token GPU half from a CUDA graph (eager is timed too)."),
+    gpu_probe: bool = typer.Option(False, "--gpu-probe", help="Only the GPU half, a few N, no kt-kernel: which kernel runs here, its error, time and roofline (a minute)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed decode calls per point (default 200; llama.cpp 2 requests; hybrid 50)."),
     prefill_repeats: Optional[int] = typer.Option(None, "--prefill-repeats", help="Timed prefill calls per chunk (default 2; hybrid 3)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -813,13 +816,29 @@ def kernel_bench_cmd(
 
     from ktutorial import kernel_bench as kb
 
-    if llamacpp and hybrid:
+    if llamacpp and (hybrid or gpu_probe):
         raise UserError("pass one of --llamacpp or --hybrid (or neither, for kt-kernel)")
 
     def progress(msg: str) -> None:
         err_console.print(f"[dim]{msg}[/]", highlight=False)
 
-    if hybrid:
+    if gpu_probe:
+        probe = kb.probe_gpu_half(
+            out,
+            shape=shape, gpu_kernel=gpu_kernel, gpu_experts=kb.parse_int_list(gpu_experts, "--gpu-experts") if gpu_experts else None,
+            progress=progress,
+        )
+        if json_out:
+            print_json(probe)
+            return
+        c = probe["ceilings"]
+        console.print(
+            f"{probe['device']}: {probe['gpu_kernel']} ({probe['gpu_kernel_reason']}); copy {c['copy_gb_s']:.0f} GB/s, "
+            f"bf16 {c['bf16_tflop_s']:.0f} TFLOP/s, fp8 {c['fp8_tflop_s'] or 0:.0f} TFLOP/s{' (' + c['fp8_error'] + ')' if c['fp8_error'] else ''}",
+            highlight=False,
+        )
+        rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in probe["rows"]]
+    elif hybrid:
         counts = kb.parse_int_list(threads, "--threads") if threads else [max(1, (os.cpu_count() or 2) - 2)]
         if len(counts) != 1:
             raise UserError(f"--hybrid runs one CPU thread count, got --threads {threads}: pass one, e.g. --threads 14")
@@ -829,16 +848,30 @@ def kernel_bench_cmd(
             shape=shape,
             gpu_experts=kb.parse_int_list(gpu_experts, "--gpu-experts") if gpu_experts else None,
             routings=[r.strip() for r in routing.split(",") if r.strip()],
-            decode_calls=repeats or 30,
+            decode_calls=repeats or 50,
             prefill_calls=prefill_repeats or 3,
+            gpu_kernel=gpu_kernel,
+            cuda_graph=cuda_graph,
             progress=progress,
         )
         rows = [
-            {k: r["params"][k] for k in ("routing", "n_gpu_experts", "tokens")}
-            | {k: round(r["metrics"][k], 3) for k in ("latency_ms", "gpu_ms", "cpu_ms", "gpu_coverage", "rel_err")}
+            {k: r["params"][k] for k in ("routing", "n_gpu_experts", "tokens", "cuda_graph")}
+            | {k: None if r["metrics"][k] is None else round(r["metrics"][k], 3)
+               for k in ("latency_ms", "gpu_ms", "cpu_ms", "overlap_ratio", "gpu_over_roofline", "gpu_coverage", "rel_err")}
             for r in recs
             if r["kind"] == kb.KIND_HYBRID
-        ]
+        ]  # fmt: skip
+        for r in recs:
+            if r["kind"] == kb.KIND_HYBRID_SUMMARY:
+                m = r["metrics"]
+                breaks = ", ".join(f"{b['from_n']}->{b['to_n']}" for b in m["breaks"]) or "none"
+                err_console.print(
+                    f"{r['params']['routing']}, {r['params']['tokens']} token(s), {r['params']['gpu_kernel']}: "
+                    f"monotone within spread: {m['monotone_within_spread']} (breaks: {breaks}); "
+                    f"GPU half within 2x of roofline at {m['points_gpu_within_2x_roofline']}/{m['points_with_gpu_work']} points; "
+                    f"overlap within 1.1x at {m['points_overlap_within_1_1']}/{m['n_points']}",
+                    highlight=False,
+                )
     elif llamacpp:
         counts = kb.parse_int_list(threads or "4,8,12,16", "--threads")
         recs = kb.run_llamacpp(counts, out, shape=shape, layers=layers, repeats=repeats or 2, progress=progress)

@@ -1284,6 +1284,8 @@ def hybrid_observations(records: Sequence[dict]) -> None:
     from ktutorial.results import field
 
     hyb = [r for r in records if r["kind"] == plots.HYBRID_KIND]
+    # Records that name their GPU kernel (SGLang's fused MoE since issue 13) supersede the first torch loop's.
+    hyb = [r for r in hyb if field(r, "gpu_kernel")] or hyb
     if not hyb:
         _markdown("No hybrid-layer records.")
         return

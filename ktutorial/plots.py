@@ -343,21 +343,21 @@ def hybrid_vs_gpu_experts(records: Sequence[dict], out_dir: Path) -> list[Path]:
     hyb = [r for r in records if r["kind"] == HYBRID_KIND]
     if not hyb:
         return []
-    groups = results.compare(hyb, ["routing", "tokens", "n_gpu_experts"], metrics=["latency_ms"])
+    groups = results.compare(hyb, ["routing", "gpu_kernel", "tokens", "n_gpu_experts"], metrics=["latency_ms"])
     token_counts = sorted({g["key"]["tokens"] for g in groups}, key=_order)
     fig, axes = plt.subplots(1, len(token_counts), figsize=(5.5 * len(token_counts), 4.5), squeeze=False)
     all_x = [g["key"]["n_gpu_experts"] for g in groups if _num(g["key"]["n_gpu_experts"]) is not None]
     n_experts = (max(_num(field(r, "experts")) or 0 for r in hyb) or max(all_x)) if all_x else None
     for ax, tokens in zip(axes[0], token_counts):
-        lines: dict[str, list] = {}
+        lines: dict[tuple, list] = {}
         for g in groups:
             if g["key"]["tokens"] == tokens:
-                lines.setdefault(g["key"]["routing"], []).append(g)
-        for routing, gs in sorted(lines.items(), key=lambda kv: str(kv[0])):
+                lines.setdefault((g["key"]["routing"], g["key"]["gpu_kernel"]), []).append(g)
+        for (routing, kernel), gs in sorted(lines.items(), key=lambda kv: str(kv[0])):
             gs = sorted(gs, key=lambda g: _order(g["key"]["n_gpu_experts"]))
             ax.errorbar([g["key"]["n_gpu_experts"] for g in gs], [g["metrics"]["latency_ms"]["mean"] for g in gs],
                         yerr=[g["metrics"]["latency_ms"]["stdev"] or 0 for g in gs], marker="o", capsize=3,
-                        label=f"{routing} routing")
+                        label=f"{routing} routing, GPU half: {kernel or 'torch loop (bf16)'}")
         if all_x:
             lo = min(all_x)
             ax.axvline(lo, color="gray", linestyle=":")

@@ -274,8 +274,9 @@ def hybrid_table(records: Sequence[dict]) -> str:
     hyb = [r for r in records if r["kind"] == "hybrid_layer"]  # plots.HYBRID_KIND
     if not hyb:
         return ""
-    groups = results.compare(hyb, ["routing", "tokens", "n_gpu_experts"],
-                             metrics=["latency_ms", "gpu_ms", "cpu_ms", "gpu_coverage"])
+    # The GPU kernel is part of the key: the first records' torch loop and the fused kernel never merge.
+    groups = results.compare(hyb, ["gpu_kernel", "routing", "tokens", "n_gpu_experts"],
+                             metrics=["latency_ms", "gpu_ms", "cpu_ms", "gpu_coverage", "gpu_over_roofline", "overlap_ratio"])
     experts = max((field(r, "experts") or 0) for r in hyb)
     rows = []
     for g in groups:
@@ -283,10 +284,11 @@ def hybrid_table(records: Sequence[dict]) -> str:
         end = " (CPU only)" if n == 0 else " (GPU only)" if experts and n == experts else ""
         m = g["metrics"]
         cov = m["gpu_coverage"]["mean"]
-        rows.append([g["key"]["routing"], g["key"]["tokens"], f"{n}{end}", _pm(m["latency_ms"]),
-                     _pm(m["gpu_ms"]), _pm(m["cpu_ms"]), "-" if cov is None else f"{cov:.0%}", g["n"]])
-    return _md(["routing", "tokens", "GPU experts", "latency ms", "GPU side ms", "CPU side ms",
-                "routed to GPU", "n"], rows)
+        rows.append([g["key"]["gpu_kernel"] or "torch loop (bf16)", g["key"]["routing"], g["key"]["tokens"], f"{n}{end}",
+                     _pm(m["latency_ms"]), _pm(m["gpu_ms"]), _pm(m["cpu_ms"]), "-" if cov is None else f"{cov:.0%}",
+                     _pm(m["gpu_over_roofline"]), _pm(m["overlap_ratio"]), g["n"]])
+    return _md(["GPU half", "routing", "tokens", "GPU experts", "latency ms", "GPU side ms", "CPU side ms",
+                "routed to GPU", "GPU / roofline", "layer / slower side", "n"], rows)
 
 
 def reply_check_table(records: Sequence[dict]) -> str:

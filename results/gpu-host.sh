@@ -27,7 +27,10 @@
 #            `bench --concurrency 1,2,4,8` and Poisson arrivals at 4 req/s; stop and count what is left
 #   tune     `ktutorial tune` on the 2-layer M2.1-width checkpoint, --mem-fraction-static set so the
 #            planner puts the --kt-num-gpu-experts boundary at 128 (KTUTORIAL_TUNE_ARGS adds options)
-#            (perf, placement, load and tune are not in the default list: run them by name)
+#   hybrid   one MiniMax-M2.1 layer split between the GPU (SGLang's fused FP8 MoE) and kt-kernel (14
+#            threads): first `kernel-bench --gpu-probe` (the GPU half alone, a minute), then
+#            `kernel-bench --hybrid` over N = 0..256 GPU experts (about 3 minutes)
+#            (perf, placement, load, tune and hybrid are not in the default list: run them by name)
 #
 # The GPU host's python3 must hold torch with CUDA and sglang-kt. With no network there, the offline
 # bundle of sglang-kt (../shared/sglang-gpu-host) is unpacked first when KTUTORIAL_GPU_BUNDLE names it,
@@ -246,6 +249,17 @@ step_tune() {  # the --kt-num-gpu-experts boundary on this GPU, found by real la
     || log "tune: no boundary found, or out of time"
   tail -6 "$out/tune.err"; tail -8 "$out/tune.txt"
   log "processes left after the tune: $(leftover)"
+}
+
+step_hybrid() {
+  log "kernel-bench --gpu-probe (the GPU half alone: which kernel, its error, time against the roofline)"
+  timeout "$(remaining)" python3 -m ktutorial kernel-bench --gpu-probe --out "$records" > "$out/gpu-probe.txt" 2>&1 \
+    || { log "gpu probe failed:"; tail -30 "$out/gpu-probe.txt"; return 1; }
+  tail -12 "$out/gpu-probe.txt"
+  log "kernel-bench --hybrid --threads 14"
+  timeout "$(remaining)" python3 -m ktutorial kernel-bench --hybrid --threads 14 --out "$records" > "$out/hybrid.txt" 2>&1 \
+    || { log "hybrid failed:"; tail -40 "$out/hybrid.txt"; return 1; }
+  tail -25 "$out/hybrid.txt"
 }
 
 for step in $steps; do "step_$step"; done
