@@ -204,6 +204,7 @@ step_placement() {  # uniform against recorded placement on held-out prompts, th
   kt placement compare --profile tiny-sglang --gpu-experts 4 --out "$records" --json \
     > "$out/placement-tiny.json" 2>&1 || { log "placement tiny failed:"; tail -5 "$out/placement-tiny.json"; }
   log "processes left: $(leftover)"
+  cp -r "$KTUTORIAL_HOME/placement" "$out/placement-files" 2>/dev/null || true  # the dumps and the placement file
   [ "${KTUTORIAL_PLACEMENT_SYNTH:-1}" = 1 ] || return 0
   d="$HOME/models/MiniMax-M2.1-synth-skewed-2l"
   [ -f "$d/model.safetensors.index.json" ] || kt synth --layers 2 --routing skewed --out "$d" --force --json \
