@@ -506,7 +506,8 @@ def _failure_kind(exc: BaseException, stage: str) -> str:
 
 
 # serve() options that are not knobs: the sweep sets them itself.
-_NOT_KNOBS = {"profile_or_plan", "port", "dry_run", "plan", "overrides", "ready_timeout_s", "detach", "reuse", "wait"}
+_NOT_KNOBS = {"profile_or_plan", "port", "dry_run", "plan", "overrides", "ready_timeout_s", "detach", "reuse", "wait",
+              "beyond_plan"}
 
 
 # A knob of every engine: the checkpoint folder a combination serves (a sweep over depths).

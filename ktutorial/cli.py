@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ktutorial import __version__, ccproxy, client, perfmodel, results, server, tutorial
+from ktutorial import __version__, ccproxy, client, load, perfmodel, published_launch, results, server, tune, tutorial
 from ktutorial import bench as benchmod
 from ktutorial import claude_code as cc
 from ktutorial import download as dl
@@ -148,8 +148,10 @@ def doctor_cmd(
 
 @app.command("plan")
 def plan_cmd(
-    model: str = typer.Option("minimax-m2.1", "--model", help="A known model (ktutorial ships its config)."),
-    model_dir: Optional[str] = typer.Option(None, "--model-dir", help="A downloaded checkpoint folder (reads its config.json)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="A known model (ktutorial ships its config): minimax-m2.1 (the default), minimax-m2.5."),
+    model_dir: Optional[str] = typer.Option(
+        None, "--model-dir", help="A checkpoint folder: reads its config.json (any MiniMax-M2-architecture model)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Describe a GPU: NAME:GB, e.g. 'RTX 5090:32' (the maker's GB, i.e. GiB)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="How many of --gpu."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size (default: the most GPUs the model splits over)."),
@@ -197,6 +199,23 @@ def plan_cmd(
         raise typer.Exit(1)
 
 
+@app.command("published-launch")
+def published_launch_cmd(
+    name: str = typer.Argument("minimax-m2.5", help="A published launch or its model (data/published_launches.yaml)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the check as JSON."),
+) -> None:
+    """A tutorial's published launch command re-planned on the machine it names: fits or not, with
+    the numbers, and the RAM and storage the tutorial states checked against the arithmetic."""
+    check = published_launch.check_launch(name)
+    if json_out:
+        print_json(check)
+    else:
+        for line in published_launch.summary_lines(check):
+            console.print(line, highlight=False, soft_wrap=True)
+    if check["verdict"] != "fits":
+        raise typer.Exit(1)
+
+
 @app.command("download")
 def download_cmd(
     local_dir: str = typer.Option(..., "--local-dir", help="Folder to download into (created if needed)."),
@@ -215,6 +234,8 @@ def download_cmd(
         raise UserError("pass exactly one of --model NAME (e.g. --model minimax-m2.1) or --repo ORG/NAME")
     repo_id, default_rev = dl.repo_for_model(model) if model else (repo, "main")
     revision = revision or default_rev
+    if model and (note := dl.unpinned_note(model, revision)):
+        typer.echo(f"note: {note}", err=True)  # stderr: --json output stays one document
     if dry_run:
         plan = dl.plan_download(repo_id, local_dir, revision, include, endpoint)
         if json_out:
@@ -482,11 +503,30 @@ def bench(
     repeats: Optional[int] = typer.Option(None, "--repeats"),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="unrecorded requests before each length"),
     config: Optional[str] = typer.Option(None, "--config", help="label of this configuration in tables"),
+    concurrency: Optional[str] = typer.Option(
+        None, "--concurrency", help="load benchmark: requests in flight at once, one level after another, e.g. 1,2,4,8"),
+    request_rate: Optional[str] = typer.Option(
+        None, "--request-rate", help="with --concurrency: Poisson arrivals at this many req/s (default inf: all at once)"),
+    num_requests: Optional[int] = typer.Option(
+        None, "--num-requests", help="with --concurrency: requests per level (default 4 × concurrency, at least 8)"),
+    seed: int = typer.Option(0, "--seed", help="with --request-rate: the arrival times' seed"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Single-request prefill/decode benchmark against a running server; writes records."""
+    """Single-request prefill/decode benchmark against a running server; writes records.
+
+    With --concurrency: the load benchmark instead (TTFT, ITL, TPOT and E2E percentiles,
+    requests/s and output tok/s at each level), one `load` record a level."""
     url, profile = _bench_defaults(base_url)
     defaults = profile.bench if profile else None
+    if concurrency is None:
+        if request_rate is not None or num_requests is not None:
+            raise UserError("--request-rate and --num-requests belong to the load benchmark: add --concurrency 1,2,4,8")
+    else:
+        if repeats is not None:
+            raise UserError("--repeats is the single-request benchmark's: with --concurrency give --num-requests")
+        _bench_load(url, profile, out, concurrency, request_rate, num_requests, seed, input_lens, output_len, warmup,
+                    config, as_json)
+        return
     lens = benchmod.parse_lens(input_lens) if input_lens else (defaults.input_lens if defaults else [2048, 8192, 32768])
     out_len = output_len if output_len is not None else (defaults.output_len if defaults else 512)
     reps = repeats if repeats is not None else (defaults.repeats if defaults else 3)
@@ -508,6 +548,44 @@ def bench(
         table.add_row(str(g["key"]["input_len"]), cell(m["prefill_tok_s"]), cell(m["decode_tok_s"]),
                       cell(m["server_decode_tok_s"]), str(g["n"]))
     console.print(table)
+
+
+def _bench_load(url, profile, out, concurrency, request_rate, num_requests, seed, input_lens, output_len, warmup,
+                config, as_json) -> None:
+    """`bench --concurrency`: the load benchmark (ktutorial.load) at one input length."""
+    defaults = profile.bench if profile else None
+    levels = load.parse_concurrency(concurrency)
+    rate = load.parse_request_rate(request_rate)
+    if input_lens:
+        lens = benchmod.parse_lens(input_lens)
+        if len(lens) != 1:
+            raise UserError(f"the load benchmark runs one input length, got {lens}: pass one, e.g. --input-lens {lens[0]}")
+        length = lens[0]
+    else:  # the profile's shortest: many requests of its longest take long
+        length = defaults.input_lens[0] if defaults else 512
+    run = load.measure_load(
+        url, concurrency=levels, input_len=length,
+        output_len=output_len if output_len is not None else (defaults.output_len if defaults else 64),
+        num_requests=num_requests, request_rate=rate, seed=seed,
+        warmup=warmup if warmup is not None else (defaults.warmup if defaults else 1),
+        out=out, config=config, model_revision=benchmod.model_revision_for(profile) if profile else None,
+    )  # fmt: skip
+    if as_json:
+        print_json({"out": out, "records": len(run.records), "levels": [
+            {k: r["params"][k] for k in ("concurrency", "num_requests", "request_rate_req_s")}
+            | {k: v for k, v in r["metrics"].items() if k != "errors"} for r in run.records]})
+        return
+    console.print(run)
+    console.print(f"{len(run.records)} load records appended to {out}", highlight=False)
+    for warning in run.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    for rec in run.records:
+        if rec["metrics"]["failed"]:
+            first = rec["metrics"]["errors"][0]["error"]
+            err_console.print(f"[red]concurrency {rec['params']['concurrency']}: {rec['metrics']['failed']} of "
+                              f"{rec['params']['num_requests']} requests failed[/] (first error: {first})", highlight=False)
+    if any(rec["metrics"]["failed"] for rec in run.records):
+        raise typer.Exit(1)  # recorded, and a script still notices
 
 
 @app.command()
@@ -571,6 +649,57 @@ def sweep(
                   f"{b['repeats']} repeats after {b['warmup']} warm-up")
 
 
+@app.command("tune")
+def tune_cmd(
+    profile: str = typer.Option(..., "--profile", help="An sglang-kt profile: minimax-m2.1, minimax-m2.1-synth, tiny-sglang, or a .yaml."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Fix a setting FLAG=VALUE, as `serve --set`; repeat it."),
+    min_experts: Optional[int] = typer.Option(None, "--min", help="Fewest GPU experts per layer to try (default 0)."),
+    max_experts: Optional[int] = typer.Option(None, "--max", help="Most GPU experts per layer to try (default: all of a layer's)."),
+    no_chunk: bool = typer.Option(False, "--no-chunk", help="Keep the plan's --chunked-prefill-size; search the experts only."),
+    context_tokens: Optional[int] = typer.Option(None, "--context-tokens", help="The context each probe's prompt fills (default: the profile's)."),
+    fraction_for_boundary: Optional[int] = typer.Option(
+        None, "--fraction-for-boundary",
+        help="Demonstration aid: set --mem-fraction-static where the planner puts the boundary at this many experts "
+             "(a GPU that holds every expert has no boundary to find)."),
+    out: Optional[str] = typer.Option(None, "--out", help="JSONL records file (default: tune-PROFILE.jsonl)."),
+    resume: bool = typer.Option(False, "--resume", help="Reuse the probes --out already holds for the same setup."),
+    write_profile: Optional[str] = typer.Option(None, "--write-profile", help="Write the tuned profile to this .yaml."),
+    ready_timeout: Optional[float] = typer.Option(None, "--ready-timeout", help="Seconds a probe's server may take to load."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the search plan and the first probe's command; start nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan (or the result) as JSON."),
+) -> None:
+    """Find the largest --kt-num-gpu-experts, then --chunked-prefill-size, that launches and serves a
+    prompt of the planned context, by real launches (bisection); every probe is a record, failures
+    with their diagnosis. Exits 1 when no expert count in the range passes."""
+    tune_plan = tune.make_tune_plan(profile, sets, lo=min_experts, hi=max_experts, context_tokens=context_tokens,
+                                    no_chunk=no_chunk, boundary_for_fraction=fraction_for_boundary)
+    if dry_run:
+        if json_out:
+            print_json(tune_plan.as_dict())
+        else:
+            console.print(tune_plan, soft_wrap=True)
+        return
+    out = out or f"tune-{tune_plan.profile.name}.jsonl"
+
+    def on_probe(settings, result, reused) -> None:
+        if json_out:
+            return
+        what = ", ".join(f"{k} {v}" for k, v in settings.items())
+        how = "recorded before" if reused else f"{result.wall_s:.0f} s"
+        err_console.print(f"probe {what}: {result.outcome} ({how}){': ' + result.diagnosis[:240] if result.diagnosis else ''}",
+                          highlight=False, soft_wrap=True)
+
+    run = tune.run_tune(tune_plan, out=out, resume=resume, ready_timeout_s=ready_timeout, on_probe=on_probe)
+    written = tune.write_profile(run, write_profile) if write_profile and run.boundary is not None else None
+    if json_out:
+        print_json({**run.as_dict(), "profile_written": str(written) if written else None})
+    else:
+        console.print(run)
+        console.print(f"records: {out}" + (f"; tuned profile: {written}" if written else ""), highlight=False)
+    if run.boundary is None:
+        raise typer.Exit(1)
+
+
 @app.command()
 def report(
     records: list[str] = typer.Argument(..., help="records files (JSONL) or folders of them"),
@@ -600,22 +729,47 @@ def kernel_bench_cmd(
     prefill_tokens: Optional[str] = typer.Option(None, "--prefill-tokens", help="Prefill chunk sizes to time (default 128,512,1024,2048,4096 at m2.1 shape)."),
     shape: str = typer.Option("m2.1", "--shape", help="m2.1 (256 experts, 3072 x 1536, top 8) or tiny (a seconds-long check)."),
     llamacpp: bool = typer.Option(False, "--llamacpp", help="The same layer in llama.cpp: a random Q8_0 GGUF, CPU only."),
-    hybrid: bool = typer.Option(False, "--hybrid", help="One layer split: N experts on the GPU (torch), the rest on kt-kernel, at once."),
-    gpu_experts: Optional[str] = typer.Option(None, "--gpu-experts", help="--hybrid: experts on the GPU, per point (default 0,8,16,32,64,128,256)."),
+    hybrid: bool = typer.Option(
+        False, "--hybrid",
+        help="One layer split: N experts on the GPU (SGLang's fused FP8 MoE, or torch's grouped GEMM), the rest on kt-kernel, at once."),
+    gpu_experts: Optional[str] = typer.Option(
+        None, "--gpu-experts", help="--hybrid: experts on the GPU, per point (default 0,8,16,32,64,128,256; --gpu-probe 8 and all)."),
     routing: str = typer.Option("random,skewed", "--routing", help="--hybrid: random and/or skewed (zipf-like) routing."),
-    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed decode calls per point (default 200; llama.cpp 2 requests; hybrid 30)."),
+    gpu_kernel: str = typer.Option(
+        "auto", "--gpu-kernel",
+        help="--hybrid: auto (SGLang's fused FP8 MoE where sglang imports on CUDA, else torch's grouped GEMM), fused, or grouped."),
+    cuda_graph: bool = typer.Option(True, "--cuda-graph/--no-cuda-graph", help="--hybrid: replay the 1-token GPU half from a CUDA graph (eager is timed too)."),
+    gpu_probe: bool = typer.Option(
+        False, "--gpu-probe", help="Only the GPU half, a few N, no kt-kernel: which kernel runs here, its error, time and roofline (a minute)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed decode calls per point (default 200; llama.cpp 2 requests; hybrid 50)."),
     prefill_repeats: Optional[int] = typer.Option(None, "--prefill-repeats", help="Timed prefill calls per chunk (default 2; hybrid 3)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Kernel microbenchmark at MiniMax-M2.1 layer shape: kt-kernel's FP8 MoE on the CPU (default),
     the same layer in llama.cpp (--llamacpp), or the hybrid GPU/CPU split (--hybrid). Writes records."""
-    if llamacpp and hybrid:
+    if llamacpp and (hybrid or gpu_probe):
         raise UserError("pass one of --llamacpp or --hybrid (or neither, for kt-kernel)")
 
     def progress(msg: str) -> None:
         err_console.print(f"[dim]{msg}[/]", highlight=False)
 
-    if hybrid:
+    if gpu_probe:
+        probe = kb.probe_gpu_half(
+            out,
+            shape=shape, gpu_kernel=gpu_kernel, gpu_experts=kb.parse_int_list(gpu_experts, "--gpu-experts") if gpu_experts else None,
+            progress=progress,
+        )
+        if json_out:
+            print_json(probe)
+            return
+        c = probe["ceilings"]
+        console.print(
+            f"{probe['device']}: {probe['gpu_kernel']} ({probe['gpu_kernel_reason']}); copy {c['copy_gb_s']:.0f} GB/s, "
+            f"bf16 {c['bf16_tflop_s']:.0f} TFLOP/s, fp8 {c['fp8_tflop_s'] or 0:.0f} TFLOP/s{' (' + c['fp8_error'] + ')' if c['fp8_error'] else ''}",
+            highlight=False,
+        )
+        rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in probe["rows"]]
+    elif hybrid:
         counts = kb.parse_int_list(threads, "--threads") if threads else [max(1, (os.cpu_count() or 2) - 2)]
         if len(counts) != 1:
             raise UserError(f"--hybrid runs one CPU thread count, got --threads {threads}: pass one, e.g. --threads 14")
@@ -625,16 +779,30 @@ def kernel_bench_cmd(
             shape=shape,
             gpu_experts=kb.parse_int_list(gpu_experts, "--gpu-experts") if gpu_experts else None,
             routings=[r.strip() for r in routing.split(",") if r.strip()],
-            decode_calls=repeats or 30,
+            decode_calls=repeats or 50,
             prefill_calls=prefill_repeats or 3,
+            gpu_kernel=gpu_kernel,
+            cuda_graph=cuda_graph,
             progress=progress,
         )
         rows = [
-            {k: r["params"][k] for k in ("routing", "n_gpu_experts", "tokens")}
-            | {k: round(r["metrics"][k], 3) for k in ("latency_ms", "gpu_ms", "cpu_ms", "gpu_coverage", "rel_err")}
+            {k: r["params"][k] for k in ("routing", "n_gpu_experts", "tokens", "cuda_graph")}
+            | {k: None if r["metrics"][k] is None else round(r["metrics"][k], 3)
+               for k in ("latency_ms", "gpu_ms", "cpu_ms", "overlap_ratio", "gpu_over_roofline", "gpu_coverage", "rel_err")}
             for r in recs
             if r["kind"] == kb.KIND_HYBRID
-        ]
+        ]  # fmt: skip
+        for r in recs:
+            if r["kind"] == kb.KIND_HYBRID_SUMMARY:
+                m = r["metrics"]
+                breaks = ", ".join(f"{b['from_n']}->{b['to_n']}" for b in m["breaks"]) or "none"
+                err_console.print(
+                    f"{r['params']['routing']}, {r['params']['tokens']} token(s), {r['params']['gpu_kernel']}: "
+                    f"monotone within spread: {m['monotone_within_spread']} (breaks: {breaks}); "
+                    f"GPU half within 2x of roofline at {m['points_gpu_within_2x_roofline']}/{m['points_with_gpu_work']} points; "
+                    f"overlap within 1.1x at {m['points_overlap_within_1_1']}/{m['n_points']}",
+                    highlight=False,
+                )
     elif llamacpp:
         counts = kb.parse_int_list(threads or "4,8,12,16", "--threads")
         recs = kb.run_llamacpp(counts, out, shape=shape, layers=layers, repeats=repeats or 2, progress=progress)
@@ -907,6 +1075,86 @@ def hybrid_routing(
         table.add_row(str(n), *(f"{100 * study['coverage'][s][i]:.1f}%" for s in study["coverage"]))
     console.print(table)
     console.print(f"chart: {study['chart']}\nrecords: {study['records']}")
+
+
+# ---- placement from recorded traffic (SGLang-KT's expert recorder) ----------------------------
+placement_app = typer.Typer(
+    no_args_is_help=True,
+    help="Which experts live on the GPU: record SGLang-KT's expert traffic, place by it, score it on held-out prompts.",
+)
+app.add_typer(placement_app, name="placement")
+
+
+@placement_app.command("record")
+def placement_record(
+    out: str = typer.Option(..., "--out", help="The placement file to write (.pt; a .json summary goes beside it)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="The SGLang-KT server (default: the one ktutorial started)."),
+    dump_dir: Optional[str] = typer.Option(
+        None, "--dump-dir", help="The folder the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR names (sglang's default: /tmp)."),
+    prompts: str = typer.Option("placement", "--prompts", help="A shipped prompt set or a .yaml with train: and heldout: lists."),
+    part: str = typer.Option("train", "--part", help="train or heldout."),
+    output_tokens: Optional[int] = typer.Option(None, "--output-tokens", help="Tokens generated per prompt (default: the prompt set's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Record a prompt set's expert traffic on a running SGLang-KT server (launched with
+    --expert-distribution-recorder-mode stat) and write the file that
+    --kt-expert-placement-strategy frequency --init-expert-location reads back."""
+    from ktutorial import placement  # torch and transformers: seconds at import, only for this command
+
+    got = placement.record_placement(
+        base_url or benchmod.default_base_url(), out, prompt_set=prompts, part=part, output_tokens=output_tokens,
+        dump_dir=dump_dir or os.environ.get(placement.RECORDER_DIR_ENV) or placement.SGLANG_DEFAULT_RECORDER_DIR,
+    )
+    if as_json:
+        print_json(got)
+    else:
+        console.print(f"{got['requests']} requests, {got['passes']} forward passes, {got['activations']} expert "
+                      f"activations recorded\nplacement file: {got['placement_file']} (summary "
+                      f"{got['summary_file']})\nread back with: --kt-expert-placement-strategy frequency "
+                      f"--init-expert-location {got['placement_file']}", highlight=False, soft_wrap=True)
+
+
+@placement_app.command("compare")
+def placement_compare(
+    profile: str = typer.Option(..., "--profile", help="An SGLang-KT profile: tiny-sglang, minimax-m2.1-synth, minimax-m2.1."),
+    gpu_experts: Optional[int] = typer.Option(None, "--gpu-experts", help="GPU experts per layer (default: the profile's or the plan's)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Append the two placement_share records to this JSONL file."),
+    prompts: str = typer.Option("placement", "--prompts", help="A shipped prompt set or a .yaml with train: and heldout: lists."),
+    model_dir: Optional[str] = typer.Option(None, "--model-dir", help="Serve this checkpoint folder instead of the profile's."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Plan for a described GPU (NAME:GB), e.g. to --dry-run without one."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the two launch commands; start nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Uniform against recorded placement, through the engine: launch A (uniform) records the
+    training and held-out prompts; launch B (frequency, from A's training traffic) serves the
+    held-out prompts; the share of expert activations on GPU experts is measured for both."""
+    from ktutorial import placement  # torch and transformers: seconds at import, only for this command
+
+    info = placement.compare(profile, gpu_experts, out=out, prompt_set=prompts, model_dir=model_dir,
+                             plan_options={"gpu": gpu} if gpu else None, dry_run=dry_run)
+    shown = placement.comparison_json(info)
+    if as_json:
+        print_json(shown)
+        return
+    if dry_run:
+        for strategy, command in shown["commands"].items():
+            console.print(f"[bold]{strategy}[/]: {command}", highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"Expert activations on GPU experts, held-out prompts ({shown['gpu_experts_per_layer']} "
+                        f"GPU experts a layer, {shown['profile']})")
+    for col in ("placement", "share", "decode", "prefill", "predicted", "GPU experts by layer", "decode tok/s"):
+        table.add_column(col)
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    for r in shown["rows"]:
+        table.add_row(r["strategy"], pct(r["share"]), pct(r["decode_share"]), pct(r["prefill_share"]),
+                      pct(r["predicted_share"]), " ".join(map(str, r["gpu_experts_by_layer"])),
+                      "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}")
+    console.print(table)
+    console.print(f"recorded minus uniform: {100 * shown['gain']:+.1f} points"
+                  + (f"; records: {out}" if out else ""), highlight=False)
 
 
 # ==== end section: inside kt ================================================================

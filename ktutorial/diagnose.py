@@ -253,7 +253,8 @@ _CATALOG: tuple[Pattern, ...] = (
             "each), or raise --mem-fraction-static from {mem_fraction} to {mem_fraction_higher}, or lower "
             "--max-total-tokens from {max_total_tokens} to {max_total_tokens_half}.{gpu_estimate}"
         ),
-        regex=r"Not enough memory\. Please try to increase --mem-fraction-static",
+        # tp_worker.py asserts the pool holds more than a request's few reserved tokens.
+        regex=r"Not enough memory\. Please try to increase --mem-fraction-static|Memory pool size is too small",
         example="RuntimeError: Not enough memory. Please try to increase --mem-fraction-static.",
     ),
     Pattern(

@@ -28,7 +28,7 @@ from ktutorial.engines import sglang_kt
 from ktutorial.errors import UserError
 from ktutorial.plan import Goals, Plan, PlanError, make_plan
 from ktutorial.profiles import load_profile
-from ktutorial.spec import ModelSpec, SpecError, known_model, known_models
+from ktutorial.spec import ModelSpec, SpecError, known_model, known_models, unknown_model_message
 from ktutorial.tables import Markdown, ShowsItself, bullets, join, table
 
 SGLANG_KT_VERSION = "0.7.2"
@@ -515,7 +515,7 @@ def parse_sets(items: Optional[list[str]]) -> dict[str, str]:
 
 
 def plan_for(
-    model: str = "minimax-m2.1",
+    model: Optional[str] = None,
     model_dir: Optional[str] = None,
     gpu: Optional[str] = None,
     gpus: Optional[int] = None,
@@ -531,26 +531,30 @@ def plan_for(
 ) -> Plan:
     """The Plan `ktutorial plan` prints. Without hardware options: this machine (disk included).
     With any: a described machine; what is not given takes Hardware.described's defaults and
-    disk is not checked."""
-    if model == "tiny":
+    disk is not checked. `model` None: minimax-m2.1, or with `model_dir` whatever MiniMax-M2-architecture
+    checkpoint the folder holds, named after the folder."""
+    if model is None and model_dir is not None:
+        info: dict[str, Any] = {}
+        spec_name = Path(os.path.expanduser(model_dir)).resolve().name or "model"
+    elif (spec_name := model or "minimax-m2.1") == "tiny":
         # The embedded tiny model, served by SGLang + KT on a GPU host (profile tiny-sglang).
 
         info = {"served_model_name": tiny.SERVED_MODEL_NAME}
         model_dir = model_dir or str(tiny.ensure().hf_dir)
-    elif model not in known_models():
-        raise UserError(f"unknown model {model!r}; known models: {', '.join(known_models())}, tiny")
+    elif spec_name not in known_models():
+        raise UserError(unknown_model_message(spec_name, [*known_models(), "tiny"]))
     else:
-        info = known_model(model)
+        info = known_model(spec_name)
     checkpoint_present = False
     try:
         if model_dir is not None:
             folder = Path(os.path.expanduser(model_dir))
             if not folder.is_dir():
                 raise UserError(f"--model-dir {model_dir}: no such folder (ktutorial download fetches the model)")
-            spec = ModelSpec.from_dir(folder, name=model)
+            spec = ModelSpec.from_dir(folder, name=spec_name)
             checkpoint_present = (folder / "model.safetensors.index.json").is_file()
         else:
-            spec = ModelSpec.known(model)
+            spec = ModelSpec.known(spec_name)
     except SpecError as exc:
         raise UserError(str(exc)) from exc
     for name, value in (("--gpus", gpus), ("--tp", tp), ("--cpu-cores", cpu_cores), ("--numa-nodes", numa_nodes),

@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -43,7 +44,7 @@ from urllib.parse import urlsplit, urlunsplit
 from tqdm import tqdm  # not tqdm.auto: it warns at import in a kernel without ipywidgets
 
 from ktutorial.errors import UserError
-from ktutorial.spec import ModelSpec, SpecError, known_model, known_models
+from ktutorial.spec import ModelSpec, SpecError, known_model, known_models, unknown_model_message
 from ktutorial.tables import Markdown, ShowsItself, table
 
 MANIFEST_NAME = ".ktutorial-manifest.json"
@@ -74,10 +75,21 @@ def repo_for_model(name: str) -> tuple[str, str]:
         meta = known_model(name)
     except SpecError:
         raise UserError(
-            f"unknown model {name!r}; known models: {', '.join(known_models())} "
-            "(or pass --repo ORG/NAME for any hub repo)"
-        ) from None
+            unknown_model_message(name, known_models(), " (or pass --repo ORG/NAME for any hub repo)")) from None
     return meta["repo_id"], meta.get("revision") or "main"
+
+
+def is_pinned(revision: str) -> bool:
+    """Whether `revision` names one commit (a full 40-hex sha) rather than a branch or tag that moves."""
+    return bool(re.fullmatch(r"[0-9a-f]{40}", revision))
+
+
+def unpinned_note(name: str, revision: str) -> str | None:
+    """What a download of known model `name` at a moving `revision` should say (None when pinned)."""
+    if is_pinned(revision):
+        return None
+    return (f"{name}'s revision is unpinned ({revision!r}, a branch that can move): the download records the "
+            "commit it resolved to in its manifest; pass --revision SHA to fetch exactly one commit")
 
 
 def resolve_endpoint(endpoint: str | None = None) -> str:

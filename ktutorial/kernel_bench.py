@@ -8,8 +8,10 @@ Three measurements, each written as self-describing records (`results.py`):
   count: kt-kernel's CPU thread pool is one per process.
 - `run_llamacpp`: the same layer shape in llama.cpp (xllamacpp), a random `minimax-m2` GGUF at
   Q8_0 with a few full-size MoE layers, CPU only, same thread counts.
-- `run_hybrid`: one layer split as KT splits it: N experts on the GPU (torch), the rest on the
-  CPU through kt-kernel, both running at once (kt submit, GPU work, kt sync).
+- `run_hybrid`: one layer split as KT splits it: N experts on the GPU (SGLang's fused FP8 MoE
+  where sglang imports, else torch's grouped GEMM: `gpu_moe.py`), the rest on the CPU through
+  kt-kernel, both running at once (kt submit, GPU half, kt sync); beside the GPU's own ceilings,
+  so each point carries its GPU roofline and how well the two halves overlap.
 
 Weights are random: speed does not depend on the values, and a float32 reference on a few experts
 checks that each run computed the right thing (kt-kernel returns zeros silently when misused).
@@ -33,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 import gguf
 import numpy as np
 
-from ktutorial import results
+from ktutorial import gpu_moe, results
 from ktutorial.errors import MissingDependency, UserError
 from ktutorial.fp8 import dequantize_block, reference_moe, rel_err
 from ktutorial.server import stop_process_group
@@ -50,6 +52,9 @@ KIND_KT_SUMMARY = "kt_kernel_summary"
 KIND_BANDWIDTH = "host_bandwidth"
 KIND_LLAMACPP = "llamacpp_layer"
 KIND_HYBRID = "hybrid_layer"
+KIND_HYBRID_SUMMARY = "hybrid_summary"
+KIND_GPU_CEILINGS = "gpu_ceilings"
+KIND_GPU_PROBE = "gpu_half_probe"
 KIND_FAILURE = "kernel_bench_failure"
 KIND_MASK_PROBE = "kt_mask_probe"
 
@@ -982,57 +987,150 @@ def zipf_probs(experts: int, s: float = 1.0, seed: int = 0):
     return p / p.sum()
 
 
-class GpuExperts:
-    """The GPU side: every expert dequantized to bf16 once; a forward runs the masked ones.
+class _HybridStep:
+    """One MoE layer forward as SGLang-KT runs it, on fixed buffers for one token count.
 
-    One grouped loop over the active GPU experts (gather tokens, gate+up GEMM, SiLU, down GEMM,
-    scatter-add). SGLang runs FP8 block GEMMs in fused kernels; bf16 moves twice the bytes, so the
-    GPU side here is an upper bound on what the real split pays.
+    The step: inputs leave the GPU for pinned host memory, kt-kernel is submitted with the GPU
+    experts as -1, the GPU half runs (remapped ids, the chosen kernel; replayed from a CUDA graph
+    when captured), kt-kernel is synced, its output goes back to the GPU and is added. A side with
+    no experts (N = 0 or N = all) is left out, as the engine leaves it.
     """
 
-    def __init__(self, experts: Fp8Experts, device: str):
+    def __init__(self, kt: "KtLayers", halves: list, gpu_mask, tokens: int, shape: LayerShape, device: str, graph: bool):
         import torch
 
-        self.device = device
-        e = experts.gate.shape[0]
-        w13, w2 = [], []
-        for i in range(e):
-            w1, w3, d = experts.dequantized(i, device)
-            w13.append(torch.cat([w1, w3], 0).to(torch.bfloat16))
-            w2.append(d.to(torch.bfloat16))
-        self.w13 = torch.stack(w13)
-        self.w2 = torch.stack(w2)
-        self.inter = experts.gate.shape[1]
+        self.kt, self.halves, self.device = kt, halves, device
+        self.cuda = str(device).startswith("cuda")
+        self.gpu_mask = gpu_mask
+        self.run_gpu = bool(halves)
+        self.run_cpu = int(gpu_mask.sum()) < shape.experts
+        h, k = shape.hidden, shape.top_k
+        self.x = torch.zeros(tokens, h, dtype=torch.bfloat16, device=device)
+        self.ids = torch.zeros(tokens, k, dtype=torch.int64, device=device)
+        self.w = torch.full((tokens, k), 1.0 / k, dtype=torch.float32, device=device)
+        pin = self.cuda
 
-    def forward(self, x, ids_cpu, weights, on_gpu: set, out):
-        """Add the GPU experts' part to `out` ([T, H] on the device). ids_cpu routes on the host.
+        def host(shape_, dtype):
+            return torch.zeros(shape_, dtype=dtype, pin_memory=pin)
 
-        Tokens are grouped by expert on the host (the routing is there anyway for kt-kernel), so
-        the loop launches GPU work without a device sync per expert.
-        """
+        self.x_cpu, self.ids_cpu, self.w_cpu = host((tokens, h), torch.bfloat16), host((tokens, k), torch.int64), host((tokens, k), torch.float32)
+        self.kt_ids, self.out_cpu = host((tokens, k), torch.int64), host((tokens, h), torch.bfloat16)
+        self.out_dev = torch.zeros(tokens, h, dtype=torch.bfloat16, device=device)
+        self.graphs: list = []
+        self.graph_error: Optional[str] = None
+        if graph and self.run_gpu and self.cuda:
+            try:
+                self.graphs = [gpu_moe.GraphedHalf(half, self.x, self.ids, self.w) for half in halves]
+            except Exception as exc:  # noqa: BLE001  (recorded; the eager path is timed instead)
+                self.graph_error = f"{type(exc).__name__}: {exc}"[:500]
+                self.graphs = []
+                torch.cuda.synchronize()
+
+    def sync(self) -> None:
         import torch
 
-        k = ids_cpu.shape[1]
-        flat = ids_cpu.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.w13.shape[0]).tolist()
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
-        active = [e for e in range(len(counts)) if counts[e] and e in on_gpu]
-        if not active:
-            return out
-        order_dev = order.to(self.device, non_blocking=True)
-        rows_all, cols_all = order_dev // k, order_dev % k
-        for e in active:
-            rows = rows_all[starts[e] : starts[e + 1]]
-            cols = cols_all[starts[e] : starts[e + 1]]
-            xe = x[rows]
-            gu = xe @ self.w13[e].T
-            h = torch.nn.functional.silu(gu[:, : self.inter]) * gu[:, self.inter :]
-            y = h @ self.w2[e].T
-            out.index_add_(0, rows, (y.float() * weights[rows, cols].unsqueeze(1)).to(out.dtype))
-        return out
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def load(self, x, ids, w) -> None:
+        """Place one call's inputs in the step's buffers (the layer before would have written them)."""
+        self.x.copy_(x)
+        self.ids.copy_(ids)
+        self.w.copy_(w)
+
+    def gpu(self, layer: int, eager: bool = False):
+        if self.graphs and not eager:
+            return self.graphs[layer]()
+        return self.halves[layer](self.x, self.ids, self.w)
+
+    def to_host(self) -> None:
+        """Inputs to pinned host memory, and kt-kernel's ids with the GPU experts as -1."""
+        self.x_cpu.copy_(self.x, non_blocking=True)
+        self.ids_cpu.copy_(self.ids, non_blocking=True)
+        self.w_cpu.copy_(self.w, non_blocking=True)
+        self.sync()
+        gpu_moe.split_for_cpu(self.ids_cpu, self.gpu_mask, out=self.kt_ids)
+
+    def cpu(self, layer: int) -> None:
+        self.kt.forward(layer, self.x_cpu, self.kt_ids, self.w_cpu, self.out_cpu)
+
+    def layer(self, layer: int):
+        """(total s, GPU half s inside the layer, CPU wait s after the GPU launch, output)."""
+        import torch
+
+        self.sync()
+        t0 = time.perf_counter()
+        if self.run_cpu:
+            self.to_host()
+            self.kt.submit(layer, self.x_cpu, self.kt_ids, self.w_cpu, self.out_cpu)
+        out_gpu, gpu_s = None, 0.0
+        if self.run_gpu:
+            if self.cuda:
+                ev_a, ev_b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                ev_a.record()
+                out_gpu = self.gpu(layer)
+                ev_b.record()
+            else:
+                t_g = time.perf_counter()
+                out_gpu = self.gpu(layer)
+                gpu_s = time.perf_counter() - t_g
+        t_launched = time.perf_counter()
+        wait_s = 0.0
+        if self.run_cpu:
+            self.kt.sync()
+            wait_s = time.perf_counter() - t_launched
+            self.out_dev.copy_(self.out_cpu, non_blocking=True)
+            out = self.out_dev.add_(out_gpu) if out_gpu is not None else self.out_dev
+        else:
+            out = out_gpu
+        self.sync()
+        total = time.perf_counter() - t0
+        if self.run_gpu and self.cuda:
+            gpu_s = ev_a.elapsed_time(ev_b) / 1e3
+        return total, gpu_s, wait_s, out
+
+
+def _time_gpu_half(step: _HybridStep, routes_dev, layers: int, eager: bool = False) -> list[float]:
+    """Seconds of the GPU half alone per call (CUDA events; the host clock for the CPU stand-in),
+    the GPU idle at the start of each call as in a layer that waited on its inputs."""
+    import torch
+
+    out = []
+    for n, (ids, w) in enumerate(routes_dev):
+        step.ids.copy_(ids)
+        step.w.copy_(w)
+        step.sync()
+        if step.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step.gpu(n % layers, eager)
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step.gpu(n % layers, eager)
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def _check_rows(ids, gpu_mask, rows: int):
+    """Up to `rows` token rows, those with the most GPU-routed experts first (a check on rows with
+    no GPU expert compares zeros with zeros)."""
+    import torch
+
+    per_row = gpu_mask[ids].sum(dim=1)
+    return torch.argsort(per_row, descending=True, stable=True)[:rows]
+
+
+def _gpu_route(tokens: int, shape: LayerShape, gpu_mask, g, probs=None):
+    """A routing with at least one GPU expert (for checks of the GPU half; tries a few draws)."""
+    ids, w = random_routing(tokens, shape.experts, shape.top_k, g, probs)
+    for _ in range(200):
+        if bool(gpu_mask[ids].any()):
+            break
+        ids, w = random_routing(tokens, shape.experts, shape.top_k, g, probs)
+    return ids, w
 
 
 def _hybrid_child(p: dict[str, Any]) -> dict[str, Any]:
@@ -1041,95 +1139,132 @@ def _hybrid_child(p: dict[str, Any]) -> dict[str, Any]:
     shape = LayerShape(**{k: tuple(v) if isinstance(v, list) else v for k, v in p["shape"].items()})
     threads = int(p["threads"])
     cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"  # without a GPU, torch on the CPU stands in for it
-
-    def dev_sync():
-        if cuda:
-            torch.cuda.synchronize()
+    device = "cuda" if cuda else "cpu"  # without a GPU, the grouped GEMM on the CPU stands in for it
+    kernel = gpu_moe.choose_kernel(device, p.get("gpu_kernel", "auto"))
+    want_graph = cuda and bool(p.get("cuda_graph", True))
+    L = shape.hybrid_layers
 
     torch.set_num_threads(os.cpu_count() or 1)
     src = Fp8Experts.random(shape, seed=p.get("seed", 0))
-    gpu = GpuExperts(src, device)
-    kt = KtLayers(src, shape, shape.hybrid_layers, threads, max(shape.hybrid_prefill_tokens, 4))
+    kt = KtLayers(src, shape, L, threads, max(shape.hybrid_prefill_tokens, 4))
     # The torch side on the host (only the stand-in case) shares the cores with kt: one thread.
     torch.set_num_threads(1 if not cuda else 2)
+    ceil = gpu_moe.measure_ceilings(
+        device,
+        copy_bytes=2 * 1024**3 if cuda else shape.bandwidth_bytes,
+        matmul_n=8192 if cuda else 256,
+        fp8=kernel.name == gpu_moe.KERNEL_FUSED,
+    )
+    rate, rate_kind = ceil.rate_for(kernel)
+    bpe = kernel.bytes_per_expert(shape.hidden, shape.intermediate)
+    full = gpu_moe.Fp8Layer.from_experts(src, device)  # every expert once on the device; each N packs its own
     g = torch.Generator().manual_seed(99)
     result: dict[str, Any] = {
         "threads": threads,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu (stand-in, no GPU)",
         "variant": kt.variant,
         "kernel_class": kt.kernel_class,
+        "gpu_kernel": kernel.name,
+        "gpu_kernel_reason": kernel.reason,
+        "gpu_weights": kernel.weight_format,
+        "gpu_bytes_per_expert": bpe,
+        "rate_kind": rate_kind,
+        "ceilings": asdict(ceil),
         "mask_probe": mask_probe(kt, src, shape),
         "runs": [],
     }
-    pin = cuda
 
-    def step(layer, x_dev, ids_dev, w_dev, on_gpu, gpu_flag, mode, bufs):
-        """One MoE layer forward as KT runs it; returns (total, cpu part, gpu part) seconds."""
-        x_cpu, ids_cpu, w_cpu, out_cpu, kt_ids = bufs
-        dev_sync()
-        t0 = time.perf_counter()
-        # hidden states and routing leave the GPU for the CPU experts (pinned buffers)
-        x_cpu.copy_(x_dev, non_blocking=True)
-        ids_cpu.copy_(ids_dev, non_blocking=True)
-        w_cpu.copy_(w_dev, non_blocking=True)
-        dev_sync()
-        t_cpu0 = time.perf_counter()
-        if mode != "gpu_only":
-            # GPU-resident experts reach kt-kernel as id -1, which it skips
-            torch.where(gpu_flag[ids_cpu], torch.full_like(ids_cpu, -1), ids_cpu, out=kt_ids)
-            kt.submit(layer, x_cpu, kt_ids, w_cpu, out_cpu)
-        out_dev = torch.zeros(x_dev.shape, dtype=torch.bfloat16, device=device)
-        t_gpu0 = time.perf_counter()
-        if mode != "cpu_only":
-            gpu.forward(x_dev, ids_cpu, w_dev, on_gpu, out_dev)
-            dev_sync()
-        t_gpu = time.perf_counter() - t_gpu0
-        if mode != "gpu_only":
-            kt.sync()
-        t_cpu = time.perf_counter() - t_cpu0
-        if mode != "gpu_only":
-            out_dev += out_cpu.to(device, non_blocking=True)
-        dev_sync()
-        return time.perf_counter() - t0, t_cpu, t_gpu, out_dev
+    def reference(x, ids, w, skip=None):
+        # float32 on the device (not tf32: torch's matmul default), from the FP8 source
+        return reference_moe(src, x.to(device).float(), ids.to(device), w.to(device), skip=skip)
 
     for routing in p["routings"]:
         probs = None if routing == "random" else zipf_probs(shape.experts, p.get("zipf_s", 1.0), seed=5)
         # Placement: the hottest experts go to the GPU (for uniform routing any N are as hot).
         order = torch.argsort(probs, descending=True).tolist() if probs is not None else list(range(shape.experts))
         for n_gpu in p["gpu_experts"]:
-            on_gpu = set(order[:n_gpu])
-            gpu_flag = torch.zeros(shape.experts, dtype=torch.bool)
-            gpu_flag[order[:n_gpu]] = True
-            # correctness: hybrid output of a few tokens against the float32 reference
+            gpu_mask = torch.zeros(shape.experts, dtype=torch.bool)
+            gpu_mask[order[:n_gpu]] = True
+            halves = []
+            if n_gpu:
+                _, slot_to_logical = gpu_moe.gpu_slots(gpu_mask)
+                # one packed copy per layer: a call never finds the previous call's experts in L2
+                halves = [gpu_moe.GpuHalf(kernel, full.select(slot_to_logical), gpu_mask, device) for _ in range(L)]
+            cpu_skip = ~gpu_mask
+
+            # correctness of the whole layer: a few tokens, kt's output buffer poisoned first
+            check = _HybridStep(kt, halves, gpu_mask, 4, shape, device, graph=False)
             xc = torch.randn(4, shape.hidden, generator=g).to(torch.bfloat16)
             idc, wc = random_routing(4, shape.experts, shape.top_k, g, probs)
-            bufs = _pinned_bufs(4, shape, pin)
-            _, _, _, outc = step(0, xc.to(device), idc.to(device), wc.to(device), on_gpu, gpu_flag, "hybrid", bufs)
-            ref = reference_moe(src, xc, idc, wc)
-            check = rel_err(outc, ref)
+            check.load(xc.to(device), idc.to(device), wc.to(device))
+            check.out_cpu.fill_(float("nan"))
+            check.out_dev.fill_(float("nan"))
+            _, _, _, outc = check.layer(0)
+            rel_layer = rel_err(outc, reference(xc, idc, wc))
+            del check
+
             for tokens, calls in ((1, p["decode_calls"]), (shape.hybrid_prefill_tokens, p["prefill_calls"])):
-                bufs = _pinned_bufs(tokens, shape, pin)
+                step = _HybridStep(kt, halves, gpu_mask, tokens, shape, device, graph=want_graph and tokens == 1)
+                checks: dict[str, Optional[float]] = {}
+                if step.run_gpu:
+                    # the GPU half alone, on the path that is timed: its output poisoned first
+                    # (a graph's output is its own buffer), rows with GPU experts compared
+                    xg = torch.randn(tokens, shape.hidden, generator=g).to(torch.bfloat16)
+                    idg, wg = _gpu_route(tokens, shape, gpu_mask, g, probs)
+                    step.load(xg.to(device), idg.to(device), wg.to(device))
+                    if step.graphs:
+                        step.graphs[0].out.fill_(float("nan"))
+                    outg = step.gpu(0).clone()
+                    rows = _check_rows(idg, gpu_mask, 16)
+                    checks["rel_err_gpu_half"] = rel_err(outg[rows.to(device)], reference(xg[rows], idg[rows], wg[rows], skip=cpu_skip))
                 x = torch.randn(tokens, shape.hidden, generator=g).to(torch.bfloat16).to(device)
                 routes = [random_routing(tokens, shape.experts, shape.top_k, g, probs) for _ in range(calls + 1)]
-                routes = [(i.to(device), w.to(device)) for i, w in routes]
-                coverage = float(sum(torch.isin(i.cpu(), torch.tensor(sorted(on_gpu) or [-1])).float().mean() for i, _ in routes) / len(routes))
-                samples: dict[str, list[float]] = {"latency_ms": [], "gpu_ms": [], "cpu_ms": [], "cpu_wait_ms": []}
-                for mode, key in (("hybrid", "latency_ms"), ("gpu_only", "gpu_ms"), ("cpu_only", "cpu_ms")):
-                    reps = calls if mode == "hybrid" else max(1, calls // 2 if tokens > 1 else calls)
-                    if (mode == "gpu_only" and n_gpu == 0) or (mode == "cpu_only" and n_gpu == shape.experts):
-                        samples[key] = [0.0]
-                        continue
-                    for n, (ids, w) in enumerate(routes[: reps + 1]):
-                        total, t_cpu, t_gpu, _ = step(n % shape.hybrid_layers, x, ids, w, on_gpu, gpu_flag, mode, bufs)
-                        if n == 0:
-                            continue  # warm-up
-                        samples[key].append(total * 1e3)
-                        if mode == "hybrid":
-                            samples["cpu_wait_ms"].append(t_cpu * 1e3)
+                routes_dev = [(i.to(device), w.to(device)) for i, w in routes]
+                work = [gpu_moe.gpu_work(i, gpu_mask, shape.hidden, shape.intermediate, bpe) for i, _ in routes[1:]]
+                coverage = statistics.fmean(float(gpu_mask[i].float().mean()) for i, _ in routes[1:])
+                samples: dict[str, list[float]] = {k: [] for k in ("latency_ms", "gpu_in_layer_ms", "cpu_wait_ms", "gpu_ms", "gpu_ms_eager", "cpu_ms")}
+                for n, (ids, w) in enumerate(routes_dev):  # the whole layer; call 0 warms up
+                    step.load(x, ids, w)
+                    total, gpu_s, wait_s, _ = step.layer(n % L)
+                    if n:
+                        samples["latency_ms"].append(total * 1e3)
+                        samples["gpu_in_layer_ms"].append(gpu_s * 1e3)
+                        samples["cpu_wait_ms"].append(wait_s * 1e3)
+                if step.run_gpu:
+                    samples["gpu_ms"] = [s * 1e3 for s in _time_gpu_half(step, routes_dev[1:], L)]
+                    if step.graphs:  # what the same half costs without the graph
+                        samples["gpu_ms_eager"] = [s * 1e3 for s in _time_gpu_half(step, routes_dev[1:], L, eager=True)]
+                if step.run_cpu:
+                    for n, (ids, w) in enumerate(routes_dev[1:]):
+                        step.load(x, ids, w)
+                        step.to_host()
+                        t0 = time.perf_counter()
+                        step.cpu(n % L)
+                        samples["cpu_ms"].append((time.perf_counter() - t0) * 1e3)
+                samples["gpu_roofline_ms"] = [
+                    gpu_moe.roofline_ms(wk["weight_bytes"] + wk["activation_bytes"], wk["flops"], ceil.copy_gb_s, rate) for wk in work
+                ]
+                samples["gpu_unique_experts"] = [wk["unique_experts"] for wk in work]
+                samples["gpu_routed_rows"] = [wk["routed_rows"] for wk in work]
                 result["runs"].append(
-                    {"routing": routing, "n_gpu_experts": n_gpu, "tokens": tokens, "coverage": coverage, "rel_err": check, "samples": samples}
+                    {
+                        "routing": routing,
+                        "n_gpu_experts": n_gpu,
+                        "tokens": tokens,
+                        "coverage": coverage,
+                        "rel_err": rel_layer,
+                        **checks,
+                        "cuda_graph": bool(step.graphs),
+                        "cuda_graph_error": step.graph_error,
+                        "gpu_weight_bytes_mean": statistics.fmean(wk["weight_bytes"] for wk in work),
+                        "gpu_flops_mean": statistics.fmean(wk["flops"] for wk in work),
+                        "samples": samples,
+                    }
                 )
+                del step
+            del halves
+            if cuda:
+                torch.cuda.empty_cache()
     return result
 
 
@@ -1167,19 +1302,168 @@ def mask_probe(kt: KtLayers, src: Fp8Experts, shape: LayerShape, tokens: int = 4
     return res
 
 
-def _pinned_bufs(tokens: int, shape: LayerShape, pin: bool):
-    import torch
+def _finite(v: Any) -> Any:
+    """A record holds null, not inf or NaN, for a number that is missing or broken."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
-    def z(shape_, dtype):
-        return torch.zeros(shape_, dtype=dtype, pin_memory=pin)
 
-    return (
-        z((tokens, shape.hidden), torch.bfloat16),
-        z((tokens, shape.top_k), torch.int64),
-        z((tokens, shape.top_k), torch.float32),
-        z((tokens, shape.hidden), torch.bfloat16),
-        z((tokens, shape.top_k), torch.int64),
+def _spread(values: Sequence[float], name: str) -> dict[str, Any]:
+    """median, mean, p10, p90, stdev of `values` under `name`, `name_mean`, ..."""
+    if not values:
+        return {name: 0.0, f"{name}_mean": 0.0, f"{name}_p10": 0.0, f"{name}_p90": 0.0}
+    s = _summary_ms([v / 1e3 for v in values])
+    return {name: s["latency_ms"], f"{name}_mean": s["latency_ms_mean"], f"{name}_p10": s["latency_ms_p10"], f"{name}_p90": s["latency_ms_p90"]}
+
+
+def monotone_within_spread(points: Sequence[dict[str, Any]]) -> tuple[bool, list[dict[str, Any]]]:
+    """Does latency not grow with N, within the spread of the points? (ok, breaks).
+
+    points: {n_gpu_experts, latency_ms, latency_ms_p10, latency_ms_p90}. More experts on the GPU
+    take work off the slower CPU side, so the layer should not get slower. A break is a pair
+    N_a < N_b whose later point lies wholly above the earlier one: p10(N_b) > p90(N_a). Every pair is
+    compared, so a slow climb over several points that each overlap their neighbour still shows.
+    """
+    pts = sorted(points, key=lambda q: q["n_gpu_experts"])
+    breaks = []
+    for i, a in enumerate(pts):
+        for b in pts[i + 1 :]:
+            if b["latency_ms_p10"] > a["latency_ms_p90"]:
+                breaks.append(
+                    {
+                        "from_n": a["n_gpu_experts"],
+                        "to_n": b["n_gpu_experts"],
+                        "from_latency_ms": a["latency_ms"],
+                        "to_latency_ms": b["latency_ms"],
+                        "from_p90_ms": a["latency_ms_p90"],
+                        "to_p10_ms": b["latency_ms_p10"],
+                    }
+                )
+    return not breaks, breaks
+
+
+def hybrid_summaries(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (routing, tokens): the curve over N, whether it is monotone within its spread (and the
+    points that break it), and how the points stand against the two targets (GPU half within 2x of
+    its roofline, layer within 1.1x of its slower side)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["kind"] == KIND_HYBRID:
+            groups.setdefault((r["params"]["routing"], r["params"]["tokens"]), []).append(r)
+    out = []
+    for (routing, tokens), recs in groups.items():
+        recs = sorted(recs, key=lambda r: r["params"]["n_gpu_experts"])
+        pts = [{"n_gpu_experts": r["params"]["n_gpu_experts"],
+                **{k: r["metrics"][k] for k in ("latency_ms", "latency_ms_p10", "latency_ms_p90")}} for r in recs]
+        ok, breaks = monotone_within_spread(pts)
+        ratios = [r["metrics"]["gpu_over_roofline"] for r in recs if r["metrics"].get("gpu_over_roofline") is not None]
+        overlaps = [r["metrics"]["overlap_ratio"] for r in recs if r["metrics"].get("overlap_ratio") is not None]
+        first = recs[0]["params"]
+        out.append(
+            {
+                "params": {
+                    "routing": routing,
+                    "tokens": tokens,
+                    "gpu_kernel": first["gpu_kernel"],
+                    "cuda_graph": any(r["params"]["cuda_graph"] for r in recs),
+                    "threads": first["threads"],
+                    "shape": first["shape"],
+                    "expectation": "latency does not grow with N (each expert moved to the GPU leaves the slower CPU side)",
+                    "test": "a break is N_a < N_b with p10(N_b) > p90(N_a), over every pair",
+                },
+                "metrics": {
+                    "monotone_within_spread": ok,
+                    "breaks": breaks,
+                    "n_points": len(recs),
+                    "n_gpu_experts": [q["n_gpu_experts"] for q in pts],
+                    "latency_ms": [q["latency_ms"] for q in pts],
+                    "gpu_over_roofline_max": max(ratios) if ratios else None,
+                    "gpu_over_roofline_min": min(ratios) if ratios else None,
+                    "points_gpu_within_2x_roofline": sum(1 for v in ratios if v <= 2.0),
+                    "points_with_gpu_work": len(ratios),
+                    "overlap_ratio_max": max(overlaps) if overlaps else None,
+                    "points_overlap_within_1_1": sum(1 for v in overlaps if v <= 1.1),
+                    "rel_err_max": max((r["metrics"]["rel_err"] for r in recs if r["metrics"]["rel_err"] is not None), default=None),
+                    "checks_pass": all(r["metrics"]["checks_pass"] for r in recs),
+                },
+            }
+        )
+    return out
+
+
+def _hybrid_record_parts(run: dict[str, Any], res: dict[str, Any], sh: LayerShape, zipf_s: float, threads: int):
+    """(params, metrics, samples) of one hybrid_layer record from one run of the child."""
+    s = run["samples"]
+    n_gpu = run["n_gpu_experts"]
+    metrics: dict[str, Any] = dict(_summary_ms([v / 1e3 for v in s["latency_ms"]]))
+    metrics.update(_spread(s["gpu_ms"], "gpu_ms"))
+    metrics.update(_spread(s["cpu_ms"], "cpu_ms"))
+    metrics.update(_spread(s["gpu_in_layer_ms"], "gpu_in_layer_ms") if s["gpu_ms"] else {"gpu_in_layer_ms": 0.0})
+    metrics["cpu_wait_ms"] = statistics.median(s["cpu_wait_ms"]) if s["cpu_ms"] else 0.0
+    if s.get("gpu_ms_eager"):
+        metrics.update(_spread(s["gpu_ms_eager"], "gpu_ms_eager"))
+    roof = statistics.fmean(s["gpu_roofline_ms"]) if s["gpu_roofline_ms"] else 0.0
+    # Mean over mean: at small N most decode calls route nothing to the GPU (a zero floor) while
+    # the kernel still launches; the ratio of means charges that cost against the work there was.
+    ratio = metrics["gpu_ms_mean"] / roof if s["gpu_ms"] and roof > 0 else None
+    slower = max(metrics["gpu_ms"], metrics["cpu_ms"])
+    limit = gpu_moe.REL_ERR_LIMIT[res["gpu_kernel"]]
+    checked = [run["rel_err"]] + ([run["rel_err_gpu_half"]] if "rel_err_gpu_half" in run else [])
+    metrics.update(
+        {
+            "gpu_roofline_ms": roof,
+            "gpu_over_roofline": ratio,
+            "overlap_ratio": metrics["latency_ms"] / slower if slower > 0 else None,
+            "gpu_coverage": run["coverage"],
+            "gpu_unique_experts": statistics.median(s["gpu_unique_experts"]) if n_gpu else 0,
+            "gpu_weight_bytes": run["gpu_weight_bytes_mean"],
+            "gpu_gflop": run["gpu_flops_mean"] / 1e9,
+            "copy_gb_s": res["ceilings"]["copy_gb_s"],
+            "matmul_tflop_s": res["ceilings"]["fp8_tflop_s" if res["rate_kind"] == "fp8" else "bf16_tflop_s"],
+            "rel_err": run["rel_err"],
+            "rel_err_gpu_half": run.get("rel_err_gpu_half"),
+            "rel_err_limit": limit,
+            "checks_pass": all(v is not None and math.isfinite(v) and v < limit for v in checked),
+        }
     )
+    metrics = {k: _finite(v) for k, v in metrics.items()}
+    params = {
+        "n_gpu_experts": n_gpu,
+        "routing": run["routing"],
+        "zipf_s": zipf_s if run["routing"] == "skewed" else None,
+        "placement": "hottest experts on the GPU",
+        "tokens": run["tokens"],
+        "threads": threads,
+        "shape": sh.name,
+        "experts": sh.experts,
+        "hidden": sh.hidden,
+        "intermediate": sh.intermediate,
+        "top_k": sh.top_k,
+        "layers_in_ram": sh.hybrid_layers,
+        "gpu": res["device"],
+        "gpu_kernel": res["gpu_kernel"],
+        "gpu_kernel_reason": res["gpu_kernel_reason"],
+        "gpu_weights": res["gpu_weights"],
+        "gpu_ids": "SGLang-KT's remap: CPU experts -1, GPU experts their slot among the N (increasing expert id)",
+        "cuda_graph": run["cuda_graph"],
+        "cuda_graph_error": run["cuda_graph_error"],
+        "cpu_weights": "FP8 via kt-kernel " + res["kernel_class"],
+        "cpu_exclusion": "GPU experts passed to kt-kernel as id -1",
+        "timing": (
+            "latency_ms: host clock over the layer (inputs to pinned memory, kt submit, GPU half, kt sync, "
+            "result back and added, device synced); gpu_ms: the GPU half alone between CUDA events "
+            "(graph replay where cuda_graph), GPU idle at the start; gpu_ms_eager: the same without the graph; "
+            "cpu_ms: kt-kernel alone on host inputs; gpu_in_layer_ms: CUDA events around the GPU half inside the layer"
+        ),
+        "roofline": (
+            f"per call max(weight bytes of the distinct GPU-routed experts ({res['gpu_bytes_per_expert']} B each) "
+            f"+ x and output bytes, over copy_gb_s; GPU-routed rows x 6HI FLOPs over the {res['rate_kind']} matmul rate); "
+            "gpu_roofline_ms is its mean over the calls, gpu_over_roofline = gpu_ms_mean / gpu_roofline_ms"
+        ),
+        "overlap": "overlap_ratio = latency_ms / max(gpu_ms, cpu_ms) (medians)",
+    }
+    return params, metrics, s
 
 
 def run_hybrid(
@@ -1188,13 +1472,16 @@ def run_hybrid(
     shape: str = "m2.1",
     gpu_experts: Optional[Sequence[int]] = None,
     routings: Sequence[str] = ("random", "skewed"),
-    decode_calls: int = 30,
+    decode_calls: int = 50,
     prefill_calls: int = 3,
     zipf_s: float = 1.0,
+    gpu_kernel: str = "auto",
+    cuda_graph: bool = True,
     env_extra: Optional[dict[str, Any]] = None,
     progress: Optional[Callable[[str], None]] = None,
 ) -> list[dict[str, Any]]:
-    """One MoE layer split between GPU (torch) and CPU (kt-kernel), latency against N GPU experts."""
+    """One MoE layer split between the GPU (SGLang's fused FP8 MoE, or torch's grouped GEMM) and
+    the CPU (kt-kernel), latency against N GPU experts; records per point and per curve."""
     sh = layer_shape(shape)
     (threads,) = check_threads([threads])
     if gpu_experts is None:  # CPU-only end, powers of two, GPU-only end: 0, 8, 16, ..., 256
@@ -1205,9 +1492,17 @@ def run_hybrid(
     for r in routings:
         if r not in ("random", "skewed"):
             raise UserError(f"--routing {r!r}: use random and/or skewed")
+    if gpu_kernel not in gpu_moe.KERNEL_CHOICES:
+        raise UserError(f"--gpu-kernel {gpu_kernel!r}: use one of {', '.join(gpu_moe.KERNEL_CHOICES)}")
+    if gpu_kernel == "fused":  # fail here, with the reason, rather than minutes later in the child
+        import torch
+
+        gpu_moe.choose_kernel("cuda" if torch.cuda.is_available() else "cpu", "fused")
+    if decode_calls < 1 or prefill_calls < 1:
+        raise UserError("--repeats and --prefill-repeats must be at least 1")
     env = results.environment_stamp(engine="kt-kernel", extra=_env_extra(env_extra))
     if progress:
-        progress(f"hybrid layer, {threads} CPU threads")
+        progress(f"hybrid layer, {threads} CPU threads, GPU kernel {gpu_kernel}")
     params = {
         "shape": asdict(sh),
         "threads": threads,
@@ -1216,59 +1511,126 @@ def run_hybrid(
         "decode_calls": decode_calls,
         "prefill_calls": prefill_calls,
         "zipf_s": zipf_s,
+        "gpu_kernel": gpu_kernel,
+        "cuda_graph": cuda_graph,
     }
     log_dir = Path(tempfile.mkdtemp(prefix="ktutorial-hybrid-"))
     res = _run_child("hybrid", params, log_dir)
     env = dict(env, kt_kernel_variant=res["variant"])
     records = []
-    probe = res["mask_probe"]
-    rec = results.make_record(
-        KIND_MASK_PROBE,
-        {"shape": sh.name, "threads": threads, "kernel_class": res["kernel_class"], "skipped_experts": probe["skipped_experts"], "tokens": probe["tokens"]},
-        {k: v for k, v in probe.items() if k.endswith("rel_err")},
-        env=env,
-    )
-    results.append_record(out, rec)
-    records.append(rec)
-    for run in res["runs"]:
-        s = run["samples"]
-        m = _summary_ms([v / 1e3 for v in s["latency_ms"]])
-        metrics = {
-            **m,
-            "gpu_ms": statistics.median(s["gpu_ms"]),
-            "cpu_ms": statistics.median(s["cpu_ms"]),
-            "cpu_wait_ms": statistics.median(s["cpu_wait_ms"]) if s["cpu_wait_ms"] else None,
-            "gpu_coverage": run["coverage"],
-            "rel_err": run["rel_err"],
-        }
-        rec = results.make_record(
-            KIND_HYBRID,
-            {
-                "n_gpu_experts": run["n_gpu_experts"],
-                "routing": run["routing"],
-                "zipf_s": zipf_s if run["routing"] == "skewed" else None,
-                "placement": "hottest experts on the GPU",
-                "tokens": run["tokens"],
-                "threads": threads,
-                "shape": sh.name,
-                "experts": sh.experts,
-                "hidden": sh.hidden,
-                "intermediate": sh.intermediate,
-                "top_k": sh.top_k,
-                "layers_in_ram": sh.hybrid_layers,
-                "gpu": res["device"],
-                "gpu_weights": "bf16, dequantized from the FP8 experts; one torch GEMM loop over active experts",
-                "cpu_weights": "FP8 via kt-kernel " + res["kernel_class"],
-                "cpu_exclusion": "GPU experts passed to kt-kernel as id -1",
-                "timing": "latency_ms: D2H of inputs, kt submit, GPU experts, GPU sync, kt sync, H2D + add; gpu_ms and cpu_ms: each side alone, same path",
-            },
-            metrics,
-            s,
-            env=env,
-        )
+
+    def add(kind, p, m, s=None):
+        rec = results.make_record(kind, p, m, s, env=env)
         results.append_record(out, rec)
         records.append(rec)
+
+    probe = res["mask_probe"]
+    add(
+        KIND_MASK_PROBE,
+        {"shape": sh.name, "threads": threads, "kernel_class": res["kernel_class"], "skipped_experts": probe["skipped_experts"], "tokens": probe["tokens"]},
+        {k: _finite(v) for k, v in probe.items() if k.endswith("rel_err")},
+    )
+    c = res["ceilings"]
+    add(
+        KIND_GPU_CEILINGS,
+        {"gpu": c["device"], "timer": c["timer"], "copy_bytes": c["copy_bytes"], "matmul_n": c["matmul_n"],
+         "method": "device-to-device copy of random float32 (read + write counted); n x n x n matrix products on random data (bf16; FP8 by torch._scaled_mm)",
+         "fp8_error": c["fp8_error"]},
+        {"copy_gb_s": c["copy_gb_s"], "bf16_tflop_s": c["bf16_tflop_s"], "fp8_tflop_s": c["fp8_tflop_s"]},
+        c["samples"],
+    )  # fmt: skip
+    for run in res["runs"]:
+        add(KIND_HYBRID, *_hybrid_record_parts(run, res, sh, zipf_s, threads))
+    for summary in hybrid_summaries(records):
+        add(KIND_HYBRID_SUMMARY, summary["params"], summary["metrics"])
     return records
+
+
+def probe_gpu_half(
+    out: Optional[str | os.PathLike] = None,
+    shape: str = "m2.1",
+    gpu_kernel: str = "auto",
+    gpu_experts: Optional[Sequence[int]] = None,
+    calls: int = 20,
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict[str, Any]:
+    """A short look at the GPU half alone, before a full --hybrid run: which kernel imports and
+    runs here, its error against the float32 reference, its time (eager and CUDA graph) against
+    the roofline, for a few N at one decoded token and one prefill chunk. No kt-kernel. With
+    `out`, appends a gpu_ceilings record and one gpu_half_probe record per row."""
+    import torch
+
+    sh = layer_shape(shape)
+    gpu_experts = list(gpu_experts) if gpu_experts else [min(8, sh.experts), sh.experts]
+    bad = [n for n in gpu_experts if not 0 < n <= sh.experts]
+    if bad:
+        raise UserError(f"--gpu-experts {bad}: the probe needs 1 to {sh.experts} GPU experts")
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    kernel = gpu_moe.choose_kernel(device, gpu_kernel)
+    if progress:
+        progress(f"GPU half probe on {device}: {kernel.name} ({kernel.reason})")
+    ceil = gpu_moe.measure_ceilings(device, 2 * 1024**3 if cuda else sh.bandwidth_bytes, 8192 if cuda else 256, kernel.name == gpu_moe.KERNEL_FUSED)
+    rate, rate_kind = ceil.rate_for(kernel)
+    bpe = kernel.bytes_per_expert(sh.hidden, sh.intermediate)
+    src = Fp8Experts.random(sh, seed=0)
+    full = gpu_moe.Fp8Layer.from_experts(src, device)
+    timed = gpu_moe.timer(device)
+    g = torch.Generator().manual_seed(5)
+    rows_out = []
+    for n_gpu in gpu_experts:
+        mask = torch.zeros(sh.experts, dtype=torch.bool)
+        mask[:n_gpu] = True
+        _, s2l = gpu_moe.gpu_slots(mask)
+        half = gpu_moe.GpuHalf(kernel, full.select(s2l), mask, device)
+        for tokens in (1, sh.hybrid_prefill_tokens):
+            if progress:
+                progress(f"N={n_gpu}, {tokens} token(s)")
+            x = torch.randn(tokens, sh.hidden, generator=g).to(torch.bfloat16)
+            ids, w = _gpu_route(tokens, sh, mask, g)
+            xd, idd, wd = x.to(device), ids.to(device), w.to(device)
+            row: dict[str, Any] = {"n_gpu": n_gpu, "tokens": tokens}
+            y = half(xd, idd, wd)
+            rows = _check_rows(ids, mask, 16)
+            row["rel_err"] = rel_err(y[rows.to(device)], reference_moe(src, x[rows].to(device).float(), ids[rows].to(device), w[rows].to(device), skip=~mask))
+            wk = gpu_moe.gpu_work(ids, mask, sh.hidden, sh.intermediate, bpe)
+            row["roofline_ms"] = gpu_moe.roofline_ms(wk["weight_bytes"] + wk["activation_bytes"], wk["flops"], ceil.copy_gb_s, rate)
+            row["eager_ms"] = statistics.median(timed(lambda h=half, a=xd, b=idd, c=wd: h(a, b, c), calls)) * 1e3
+            if cuda and tokens == 1:
+                try:
+                    graphed = gpu_moe.GraphedHalf(half, xd, idd, wd)
+                    graphed.out.fill_(float("nan"))
+                    row["graph_rel_err"] = rel_err(graphed()[rows.to(device)], reference_moe(
+                        src, x[rows].to(device).float(), ids[rows].to(device), w[rows].to(device), skip=~mask))
+                    row["graph_ms"] = statistics.median(timed(graphed, calls)) * 1e3
+                except Exception as exc:  # noqa: BLE001  (what the full run would record)
+                    row["graph_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            best = row.get("graph_ms", row["eager_ms"])
+            row["over_roofline"] = best / row["roofline_ms"] if row["roofline_ms"] > 0 else None
+            rows_out.append(row)
+    probe = {
+        "device": ceil.device,
+        "gpu_kernel": kernel.name,
+        "gpu_kernel_reason": kernel.reason,
+        "rel_err_limit": gpu_moe.REL_ERR_LIMIT[kernel.name],
+        "ceilings": {k: v for k, v in asdict(ceil).items() if k != "samples"},
+        "rate_kind": rate_kind,
+        "rows": rows_out,
+    }
+    if out is not None:
+        env = results.environment_stamp(engine="sglang" if kernel.name == gpu_moe.KERNEL_FUSED else "torch", extra=_env_extra())
+        c = probe["ceilings"]
+        recs = [results.make_record(KIND_GPU_CEILINGS, {"gpu": c["device"], "timer": c["timer"], "copy_bytes": c["copy_bytes"],
+                                                        "matmul_n": c["matmul_n"], "fp8_error": c["fp8_error"]},
+                                    {k: c[k] for k in ("copy_gb_s", "bf16_tflop_s", "fp8_tflop_s")}, env=env)]
+        for row in rows_out:
+            params = {"shape": sh.name, "n_gpu_experts": row["n_gpu"], "tokens": row["tokens"], "gpu": ceil.device, "gpu_kernel": kernel.name,
+                      "gpu_kernel_reason": kernel.reason, "rate_kind": rate_kind, "calls": calls}
+            recs.append(results.make_record(KIND_GPU_PROBE, params, {k: _finite(v) for k, v in row.items() if k not in ("n_gpu", "tokens")}
+                                            | {"rel_err_limit": probe["rel_err_limit"]}, env=env))
+        for rec in recs:
+            results.append_record(out, rec)
+    return probe
 
 
 # ---------------------------------------------------------------------------------------------

@@ -192,7 +192,9 @@ class HostFit:
     layerwise_gb_s: float  # host's measured streaming rate of layerwise prefill
     host_pcie_gb_s: float  # the host link's nominal effective rate (perf_hardware.yaml)
     rho: float  # layerwise_gb_s / host_pcie_gb_s
-    engine_decode: dict[int, dict[str, float]]  # per GPU-expert count: measured ms a token
+    engine_decode: dict[str, dict[str, float]]  # per "layers x GPU experts": measured ms a token
+    engine_threads: dict[str, dict[str, float]] = field(default_factory=dict)  # per --kt-cpuinfer: engine vs kernel
+    depth_fit: dict[str, Any] = field(default_factory=dict)  # the two-depth run behind c_layer, if any
     sources: dict[str, str] = field(default_factory=dict)
     assumptions: list[str] = field(default_factory=list)
 
@@ -206,14 +208,12 @@ class HostFit:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["prefill_tflop_s"] = {str(k): v for k, v in self.prefill_tflop_s.items()}
-        d["engine_decode"] = {str(k): v for k, v in self.engine_decode.items()}
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HostFit":
         d = dict(d)
         d["prefill_tflop_s"] = {int(k): v for k, v in d["prefill_tflop_s"].items()}
-        d["engine_decode"] = {int(k): v for k, v in d["engine_decode"].items()}
         return cls(**d)
 
 
@@ -221,35 +221,101 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def _bench_runs(records: Sequence[dict]) -> dict[str, list[dict]]:
+    """M2.1-width engine records (bench, synthetic checkpoint) by the commit that made them: a run."""
+    runs: dict[str, list[dict]] = {}
+    for r in results.filter_records(records, kind="bench"):
+        if rfield(r, "env.model_layers") and rfield(r, "env.server_kt_num_gpu_experts") is not None:
+            runs.setdefault(str(rfield(r, "env.git_sha")), []).append(r)
+    return runs
+
+
+def _key(r: dict) -> tuple[int, int, int]:
+    return (int(rfield(r, "env.model_layers")), int(rfield(r, "env.server_kt_cpuinfer")),
+            int(rfield(r, "env.server_kt_num_gpu_experts")))
+
+
+def _depth_run(runs: dict[str, list[dict]]) -> Optional[tuple[str, int, int]]:
+    """(run, threads, GPU experts) of the newest run that measured one setting at two depths or more:
+    the pair that splits a decoded token into per-step and per-layer time."""
+    found = []
+    for sha, recs in runs.items():
+        depths: dict[tuple[int, int], set[int]] = {}
+        for r in recs:
+            layers, threads, n = _key(r)
+            depths.setdefault((threads, n), set()).add(layers)
+        for (threads, n), ls in depths.items():
+            if len(ls) >= 2:
+                found.append((max(rfield(r, "time_utc") or "" for r in recs), sha, threads, n))
+    return max(found)[1:] if found else None
+
+
+def _sweep_run(runs: dict[str, list[dict]]) -> tuple[str, int, int]:
+    """(run, layers, threads) with the most GPU-expert counts at one depth and thread count."""
+    best = None
+    for sha, recs in runs.items():
+        counts: dict[tuple[int, int], set[int]] = {}
+        for r in recs:
+            layers, threads, n = _key(r)
+            counts.setdefault((layers, threads), set()).add(n)
+        for (layers, threads), ns in counts.items():
+            cand = (len(ns), sha, layers, threads)
+            best = cand if best is None or cand[0] > best[0] else best
+    assert best is not None
+    return best[1], best[2], best[3]
+
+
+def _kernel_and_copy(records: Sequence[dict], sha: str, threads: int) -> tuple[list, list, list]:
+    """kt-kernel decode (1 token) and prefill records and copy bandwidth of run `sha` at `threads`
+    (FACTS: never compare bandwidths across runs)."""
+    kernel = [r for r in results.filter_records(records, kind="kt_kernel_moe")
+              if rfield(r, "shape") == "m2.1" and rfield(r, "threads") == threads and rfield(r, "env.git_sha") == sha]
+    dec = [r for r in kernel if rfield(r, "phase") == "decode" and rfield(r, "tokens") == 1]
+    pre = [r for r in kernel if rfield(r, "phase") == "prefill"]
+    bw = [r for r in results.filter_records(records, kind="host_bandwidth") if rfield(r, "env.git_sha") == sha]
+    return dec, pre, bw
+
+
+def _decode_ms(r: dict) -> float:
+    return 1000.0 / rfield(r, "decode_tok_s")
+
+
+def _gap_stats(recs: Sequence[dict]) -> dict[str, float]:
+    per_rec = [_decode_ms(r) for r in recs]
+    gaps = sorted(1000.0 * (b - a) for r in recs for a, b in zip(r["samples"].get("token_times_s", []),
+                                                                 r["samples"].get("token_times_s", [])[1:]))
+    return {"mean_ms": statistics.fmean(per_rec), "stdev_ms": statistics.stdev(per_rec) if len(per_rec) > 1 else 0.0,
+            "p10_ms": _quantile(gaps, 0.10), "p90_ms": _quantile(gaps, 0.90), "n": len(per_rec),
+            "input_len": statistics.fmean(rfield(r, "input_len") for r in recs)}
+
+
 def fit(records: Sequence[dict], spec: Optional[ModelSpec] = None, hardware: Optional[dict] = None) -> HostFit:
     """The model's host constants from kt_kernel_moe, host_bandwidth and bench records of the
-    M2.1-width synthetic checkpoint (env.model_layers), all from one run of `results/gpu-host.sh`."""
+    M2.1-width synthetic checkpoint (env.model_layers), each constant from one run of
+    `results/gpu-host.sh` (its records share a commit) and named in `sources`.
+
+    The base run is the newest that measured one setting at two depths (`perf` step): it gives the
+    kernel, the copy bandwidth, the per-step and per-layer decode costs, the GPU side g, and the
+    prefill constants. Whether CPU and GPU experts overlap needs several GPU-expert counts at one
+    depth: the run with the most of them decides it (the `synth` step). Without a depth pair, the
+    sweep run gives everything and c_layer = 0 is assumed (the least the records allow)."""
     spec = spec or ModelSpec.known("minimax-m2.1")
     hw = hardware or hardware_table()
-    bench = [r for r in results.filter_records(records, kind="bench")
-             if rfield(r, "env.model_layers") and rfield(r, "env.server_kt_num_gpu_experts") is not None]
-    if not bench:
+    runs = _bench_runs(records)
+    if not runs:
         raise FitError(
             "no bench records of the M2.1-width synthetic checkpoint (kind bench with env.model_layers and "
             f"env.server_kt_num_gpu_experts): make them on a GPU host with `{SYNTH_COMMAND}`")
-    # The kernel and copy records of the same run as the engine's (same commit): FACTS says never
-    # to compare bandwidths across runs.
-    run_sha = {rfield(r, "env.git_sha") for r in bench}
-    threads = int(rfield(bench[0], "env.server_kt_cpuinfer"))
-    kernel = [r for r in results.filter_records(records, kind="kt_kernel_moe")
-              if rfield(r, "shape") == "m2.1" and rfield(r, "threads") == threads]
-    same_run = [r for r in kernel if rfield(r, "env.git_sha") in run_sha]
-    kernel = same_run or kernel
-    dec = [r for r in kernel if rfield(r, "phase") == "decode" and rfield(r, "tokens") == 1]
-    pre = [r for r in kernel if rfield(r, "phase") == "prefill"]
-    bw = [r for r in results.filter_records(records, kind="host_bandwidth")
-          if not same_run or rfield(r, "env.git_sha") in run_sha]
+    depth = _depth_run(runs)
+    sweep_sha, sweep_layers, sweep_threads = _sweep_run(runs)
+    base_sha, threads = sweep_sha, sweep_threads
+    bench = [r for r in runs[base_sha] if _key(r)[0] == sweep_layers and _key(r)[1] == threads]
+    dec, pre, bw = _kernel_and_copy(records, base_sha, threads)
     missing = [name for name, got in (("kt_kernel_moe decode (1 token)", dec), ("kt_kernel_moe prefill", pre),
                                       ("host_bandwidth", bw)) if not got]
     if missing:
-        raise FitError(f"the records lack {', '.join(missing)} at the engine's {threads} threads and M2.1's shape: "
-                       f"`{SYNTH_COMMAND}` writes them beside the engine's")
-    layers = int(rfield(bench[0], "env.model_layers"))
+        raise FitError(f"the records lack {', '.join(missing)} at the engine's {threads} threads and M2.1's shape "
+                       f"in the engine's own run ({base_sha[:7]}): `{SYNTH_COMMAND}` writes them beside the engine's")
     n_exp, k = spec.num_experts, spec.experts_per_token
     t_k = _median([rfield(r, "latency_ms") for r in dec])  # ms per layer, one token
     kernel_gb_s = k * spec.expert_bytes / (t_k / 1e3) / GB
@@ -270,46 +336,80 @@ def fit(records: Sequence[dict], spec: Optional[ModelSpec] = None, hardware: Opt
                    gpu_fp8_tflops=g["fp8_tflops"], gpu_bf16_tflops=g["bf16_tflops"], pcie=g["pcie"],
                    pcie_gb_s=host_pcie)
 
-    # --- decode: per GPU-expert count, ms a token (1 / decode_tok_s per record) ---------------------
-    by_n: dict[int, list[dict]] = {}
-    for r in bench:
-        by_n.setdefault(int(rfield(r, "env.server_kt_num_gpu_experts")), []).append(r)
-    engine_decode: dict[int, dict[str, float]] = {}
-    points = []  # (n, ms, attn-and-lm_head ms from the datasheet)
-    for n, recs in sorted(by_n.items()):
-        per_rec = [1000.0 / rfield(r, "decode_tok_s") for r in recs]
-        gaps = [1000.0 * (b - a) for r in recs for a, b in zip(r["samples"].get("token_times_s", []),
-                                                                r["samples"].get("token_times_s", [])[1:])]
-        gaps.sort()
-        engine_decode[n] = {"mean_ms": statistics.fmean(per_rec),
-                            "stdev_ms": statistics.stdev(per_rec) if len(per_rec) > 1 else 0.0,
-                            "p10_ms": _quantile(gaps, 0.10), "p90_ms": _quantile(gaps, 0.90), "n": len(per_rec)}
-        for r, ms in zip(recs, per_rec):
-            ctx = rfield(r, "input_len") + rfield(r, "output_len") / 2
-            gpu_ms = 1e3 * (_lm_head_s(spec, host, 1) + layers * _attn_decode_s(spec, host, 1, ctx))
-            points.append((n, ms, gpu_ms))
+    def gpu_ms(r: dict) -> float:  # attention and lm_head of a decoded token, from the datasheet
+        ctx = rfield(r, "input_len") + rfield(r, "output_len") / 2
+        return 1e3 * (_lm_head_s(spec, host, 1) + int(rfield(r, "env.model_layers")) * _attn_decode_s(spec, host, 1, ctx))
 
-    def t_cpu(n: int) -> float:
-        return t_k * (1 - min(1.0, n / n_exp))
+    def t_cpu(n: int, t_kernel: float) -> float:
+        return t_kernel * (1 - min(1.0, n / n_exp))
 
-    # serial: D = a + L t_cpu; overlapped: D = a + L max(t_cpu, g), g on a grid (least squares in a)
-    def lsq(model) -> tuple[float, float]:
-        resid = [ms - gms - model(n) for n, ms, gms in points]
+    def lsq_offset(points, model) -> tuple[float, float]:  # least squares in the offset alone
+        resid = [ms - model(layers, n) for layers, n, ms in points]
         a = statistics.fmean(resid)
         return a, math.sqrt(statistics.fmean([(x - a) ** 2 for x in resid]))
 
-    a_serial, rms_serial = lsq(lambda n: layers * t_cpu(n))
+    # --- overlap: D = a + L max(t_cpu, g) against D = a + L t_cpu, over the sweep run's GPU-expert counts
+    s_bench = [r for r in runs[sweep_sha] if _key(r)[0] == sweep_layers and _key(r)[1] == sweep_threads]
+    s_dec, _, _ = _kernel_and_copy(records, sweep_sha, sweep_threads)
+    s_tk = _median([rfield(r, "latency_ms") for r in s_dec]) if s_dec else t_k
+    s_points = [(sweep_layers, _key(r)[2], _decode_ms(r) - gpu_ms(r)) for r in s_bench]
+    a_serial, rms_serial = lsq_offset(s_points, lambda L, n: L * t_cpu(n, s_tk))
     best = None
     for i in range(0, 201):
-        g_ms = t_k * i / 200
-        a, rms = lsq(lambda n, g_ms=g_ms: layers * max(t_cpu(n), g_ms))
+        g_ms = s_tk * i / 200
+        a, rms = lsq_offset(s_points, lambda L, n, g_ms=g_ms: L * max(t_cpu(n, s_tk), g_ms))
         if best is None or rms < best[2] - 1e-12:
             best = (g_ms, a, rms)
     g_ms, a_over, rms_over = best
     overlapped = rms_over < rms_serial
+    n_sweep = len({_key(r)[2] for r in s_bench})
+    run_of = lambda sha: f"run {sha[:7]}"  # noqa: E731
+
+    # --- decode: per-step and per-layer costs -----------------------------------------------------
+    # The sweep run has one depth: its offset a is c_step + L x c_layer. A run with two depths
+    # measures c_layer against that run's own kernel: the engine's per-layer cost less the kernel's.
     a = a_over if overlapped else a_serial
-    c_layer = 0.0
-    c_step = a - layers * c_layer
+    c_layer, layer_source = 0.0, "assumed 0 (no run measured two depths)"
+    layer_assumption = (f"c_layer = 0: with {sweep_layers} layers a per-step and a per-layer fixed cost cannot be "
+                        "separated; the engine's per-layer decode cost is taken to be the kernel's (its least "
+                        "possible value) and the rest is per-step cost.")
+    depth_fit: dict[str, Any] = {}
+    if depth:
+        d_sha, d_threads, d_n = depth
+        d_bench = [r for r in runs[d_sha] if _key(r)[1] == d_threads and _key(r)[2] == d_n]
+        d_dec, _, _ = _kernel_and_copy(records, d_sha, d_threads)
+        if d_dec:
+            d_tk = _median([rfield(r, "latency_ms") for r in d_dec])
+            xs = [_key(r)[0] for r in d_bench]
+            ys = [_decode_ms(r) - gpu_ms(r) for r in d_bench]
+            slope, intercept = statistics.linear_regression(xs, ys)
+            measured = slope - t_cpu(d_n, d_tk)
+            # Below 0 means the engine's kt-kernel ran a little faster than the kernel alone (a
+            # different process, thread placement, layers in RAM): the fixed cost is then 0.
+            c_layer = max(0.0, measured)
+            depth_fit = {"run": d_sha, "threads": d_threads, "num_gpu_experts": d_n, "depths": sorted(set(xs)),
+                         "engine_ms_per_layer": slope, "kernel_ms_per_layer": t_cpu(d_n, d_tk),
+                         "c_layer_measured_ms": measured, "c_step_ms": intercept}
+            layer_source = (f"{run_of(d_sha)}: decode ms a token at {', '.join(map(str, sorted(set(xs))))} layers "
+                            f"({d_threads} threads, {d_n} GPU experts) less the datasheet's attention and lm_head, "
+                            f"least squares in layers: slope {slope:.2f} ms a layer less kt-kernel's {t_cpu(d_n, d_tk):.2f} "
+                            f"ms alone in the same run = {measured:+.2f} ms, taken as max(0, that)")
+            layer_assumption = (f"c_layer measured, not assumed: two depths in {run_of(d_sha)} put the engine's "
+                                f"per-layer decode at {slope:.2f} ms against the kernel's {t_cpu(d_n, d_tk):.2f} ms "
+                                f"alone ({slope / t_cpu(d_n, d_tk):.2f}x); the per-step cost there was {intercept:.2f} ms "
+                                f"against {a - sweep_layers * c_layer:.2f} ms in {run_of(sweep_sha)}: the per-step "
+                                "cost differs from host to host, the per-layer cost does not.")
+    c_step = a - sweep_layers * c_layer
+    step_source = (f"{run_of(sweep_sha)}: decode ms a token less {sweep_layers} x (max(kernel share, g) + c_layer), "
+                   "least squares over GPU experts")
+    g_source = f"{run_of(sweep_sha)}: the g that fits best (grid, least squares)"
+    engine_layers = sweep_layers
+    engine_decode: dict[str, dict[str, float]] = {}
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for r in bench:
+        groups.setdefault((_key(r)[0], _key(r)[2]), []).append(r)
+    for (layers, n), recs in sorted(groups.items()):
+        engine_decode[f"{layers}x{n}"] = {"layers": layers, "num_gpu_experts": n, **_gap_stats(recs)}
 
     # --- prefill: CPU-path prompts give c_prefill; GPU-path prompts give the streaming rate -------
     def cpu_path(r) -> bool:
@@ -321,44 +421,48 @@ def fit(records: Sequence[dict], spec: Optional[ModelSpec] = None, hardware: Opt
     for r in bench:
         if not cpu_path(r):
             continue
-        n = int(rfield(r, "env.server_kt_num_gpu_experts"))
+        layers, n = int(rfield(r, "env.model_layers")), int(rfield(r, "env.server_kt_num_gpu_experts"))
         tokens = int(rfield(r, "input_len"))
         size = min(prefill_ms, key=lambda s: abs(s - tokens))
         layer_s = prefill_ms[size] / 1e3 * tokens / size * (1 - min(1.0, n / n_exp))
-        gpu_s = _prefill_gpu_dense_s(spec, host, 1, tokens, 0) / spec.num_layers
-        fixed.append(rfield(r, "ttft_s") - layers * (layer_s + gpu_s))
+        dense_s = _prefill_gpu_dense_s(spec, host, 1, tokens, 0) / spec.num_layers
+        fixed.append(rfield(r, "ttft_s") - layers * (layer_s + dense_s))
     lw = [r for r in bench if not cpu_path(r)]
     if not fixed or not lw:
         raise FitError("the bench records need prompts on both prefill paths (below and above "
                        f"--kt-gpu-prefill-token-threshold, e.g. 2048 and 8192): `{SYNTH_COMMAND}` runs both")
     c_prefill = statistics.fmean(fixed)
-    stream_s = []
+    rates = []
     for r in lw:
-        tokens = int(rfield(r, "input_len"))
-        compute = layers * (_prefill_gpu_dense_s(spec, host, 1, tokens, 0) + _prefill_gpu_experts_s(spec, host, 1, tokens))
-        stream_s.append(max(1e-6, rfield(r, "ttft_s") - c_prefill - compute / spec.num_layers))
-    layerwise = layers * spec.layer_expert_bytes / statistics.fmean(stream_s) / GB
+        layers, tokens = int(rfield(r, "env.model_layers")), int(rfield(r, "input_len"))
+        chunks = math.ceil(tokens / (rfield(r, "env.server_chunked_prefill_size") or tokens))
+        compute = layers * (_prefill_gpu_dense_s(spec, host, 1, tokens, 0)
+                            + _prefill_gpu_experts_s(spec, host, 1, tokens)) / spec.num_layers
+        stream_s = max(1e-6, rfield(r, "ttft_s") - c_prefill - compute)
+        rates.append(chunks * layers * spec.layer_expert_bytes / stream_s / GB)
+    layerwise = statistics.fmean(rates)
     rho = layerwise / host_pcie
 
-    bench_kinds = "bench (M2.1-width synth, env.model_layers = %d)" % layers
+    base = f"{run_of(base_sha)}, bench (M2.1-width synth)"
     sources = {
-        "kernel_decode_ms_per_layer": f"kt_kernel_moe decode, 1 token, {threads} threads: median latency_ms of {len(dec)} record(s)",
+        "kernel_decode_ms_per_layer": f"{run_of(base_sha)}: kt_kernel_moe decode, 1 token, {threads} threads: median latency_ms of {len(dec)} record(s)",
         "kernel_decode_gb_s": "kt_kernel_moe: 8 experts' bytes / kernel_decode_ms_per_layer",
-        "copy_gb_s": "host_bandwidth: the run's best copy_gb_s (torch copy_, read + write counted)",
+        "copy_gb_s": f"{run_of(base_sha)}: host_bandwidth: the run's best copy_gb_s (torch copy_, read + write counted)",
         "eta": "kt_kernel_moe / host_bandwidth: kernel GB/s over the copy GB/s (the host's channels are not known: "
                "its copy stands in for its peak)",
         "per_thread_decode_gb_s": f"kt_kernel_moe: kernel_decode_gb_s / {threads} threads",
-        "prefill_tflop_s": "kt_kernel_moe prefill: median tflop_s per chunk size",
-        "decode_step_ms": f"{bench_kinds}: decode ms a token less {layers} x max(kernel share, g), least squares over GPU experts",
-        "host_gpu_side_ms_per_layer": f"{bench_kinds}: the g that fits best (grid, least squares)",
-        "decode_overlapped": f"{bench_kinds}: rms of D = a + L max(t_cpu, g) ({rms_over:.2f} ms) against D = a + L t_cpu ({rms_serial:.2f} ms)",
-        "prefill_step_s": f"{bench_kinds}, CPU-path prompts: TTFT less {layers} x the kernel's chunk time x (1 - N/256)",
-        "layerwise_gb_s": f"{bench_kinds}, layerwise prompts: {layers} x {spec.layer_expert_bytes / GB:.2f} GB / (TTFT - prefill_step_s)",
+        "prefill_tflop_s": f"{run_of(base_sha)}: kt_kernel_moe prefill: median tflop_s per chunk size",
+        "decode_step_ms": step_source,
+        "decode_layer_fixed_ms": layer_source,
+        "host_gpu_side_ms_per_layer": g_source,
+        "decode_overlapped": (f"{run_of(sweep_sha)} ({n_sweep} GPU-expert counts at {sweep_layers} layers): rms of "
+                              f"D = a + L max(t_cpu, g) ({rms_over:.2f} ms) against D = a + L t_cpu ({rms_serial:.2f} ms)"),
+        "prefill_step_s": f"{base}, CPU-path prompts: TTFT less the layers x the kernel's chunk time x (1 - N/256)",
+        "layerwise_gb_s": f"{base}, layerwise prompts: chunks x layers x {spec.layer_expert_bytes / GB:.2f} GB / (TTFT - prefill_step_s - GPU compute)",
         "rho": f"layerwise_gb_s over the {gkey}'s PCIe {g['pcie']} x16 effective {host_pcie} GB/s (perf_hardware.yaml)",
     }
     assumptions = [
-        f"c_layer = 0: with {layers} layers a per-step and a per-layer fixed cost cannot be separated; the engine's "
-        "per-layer decode cost is taken to be the kernel's (its least possible value) and the rest is per-step cost.",
+        layer_assumption,
         "The host ran without CUDA graphs (its bundle): its per-step cost and its launch-bound GPU side g are upper "
         "bounds for a machine with them; g is applied only to predictions with cuda_graphs=False.",
         "Uniform routing: GPU experts take N/256 of the routed experts' work.",
@@ -368,14 +472,64 @@ def fit(records: Sequence[dict], spec: Optional[ModelSpec] = None, hardware: Opt
         "Layerwise prefill uploads one layer at a time into one slot (plan.py's memory model): upload and compute add.",
     ]
     return HostFit(
-        host_cpu=host.cpu, host_gpu=gkey, threads=threads, engine_layers=layers,
+        host_cpu=host.cpu, host_gpu=gkey, threads=threads, engine_layers=engine_layers,
         kernel_decode_ms_per_layer=t_k, kernel_decode_gb_s=kernel_gb_s, copy_gb_s=copy, eta=eta,
         per_thread_decode_gb_s=kernel_gb_s / threads, prefill_tflop_s=prefill_rate,
         decode_step_ms=c_step, decode_layer_fixed_ms=c_layer, host_gpu_side_ms_per_layer=g_ms,
         decode_overlapped=overlapped, decode_rms_ms={"overlapped": rms_over, "serial": rms_serial},
         prefill_step_s=c_prefill, layerwise_gb_s=layerwise, host_pcie_gb_s=host_pcie, rho=rho,
-        engine_decode=engine_decode, sources=sources, assumptions=assumptions,
+        engine_decode=engine_decode, engine_threads=engine_threads(records), depth_fit=depth_fit,
+        sources=sources, assumptions=assumptions,
     )
+
+
+def engine_threads(records: Sequence[dict], sha: Optional[str] = None) -> dict[str, dict[str, float]]:
+    """Decode through the engine against kt-kernel alone at each --kt-cpuinfer of one run: the engine's
+    ms a token, its per-layer share (the run's per-step cost taken out where two depths measured it),
+    the kernel's ms a layer at the same threads, their ratio, and the copy bandwidth at those threads.
+    Keyed by thread count (as text: JSON keys); {} when the run has one thread count."""
+    runs = _bench_runs(records)
+    if sha is None:
+        found = _depth_run(runs)
+        if not found:
+            return {}
+        sha = found[0]
+    recs = [r for r in runs.get(sha, []) if _key(r)[2] == 0]
+    by_threads: dict[int, list[dict]] = {}
+    for r in recs:
+        by_threads.setdefault(_key(r)[1], []).append(r)
+    if len(by_threads) < 2:
+        return {}
+    # the per-step cost at the thread count with two depths
+    step = None
+    for rs in by_threads.values():
+        depths = sorted({_key(r)[0] for r in rs})
+        if len(depths) >= 2:
+            slope, step = statistics.linear_regression([_key(r)[0] for r in rs], [_decode_ms(r) for r in rs])
+    out = {}
+    for threads, rs in sorted(by_threads.items()):
+        layers = max(_key(r)[0] for r in rs)
+        deep = [r for r in rs if _key(r)[0] == layers]
+        ms = statistics.fmean(_decode_ms(r) for r in deep)
+        dec, _, bw = _kernel_and_copy(records, sha, threads)
+        kernel = _median([rfield(r, "latency_ms") for r in dec]) if dec else None
+        copy = [rfield(r, "copy_gb_s") for r in bw if rfield(r, "threads") == threads]
+        per_layer = (ms - step) / layers if step is not None else None
+        out[str(threads)] = {
+            "layers": layers, "engine_ms_per_token": ms, "engine_tok_s": 1000.0 / ms, "n": len(deep),
+            "engine_ms_per_layer": per_layer, "kernel_ms_per_layer": kernel,
+            "engine_over_kernel": per_layer / kernel if per_layer is not None and kernel else None,
+            "copy_gb_s": max(copy) if copy else None,
+            "host_logical_cpus": rfield(deep[0], "env.cpu_logical"),
+        }
+    return out
+
+
+def best_engine_threads(hostfit: "HostFit") -> Optional[int]:
+    """The --kt-cpuinfer that decoded fastest through the engine in the fit's run, if it swept threads."""
+    if not hostfit.engine_threads:
+        return None
+    return int(max(hostfit.engine_threads, key=lambda t: hostfit.engine_threads[t]["engine_tok_s"]))
 
 
 def committed_fit() -> HostFit:
@@ -700,6 +854,63 @@ def fit_markdown(hostfit: HostFit) -> str:
             + "\n".join(f"- {a}" for a in hostfit.assumptions))
 
 
+def cross_run_check(hostfit: HostFit, records: Sequence[dict]) -> list[dict[str, Any]]:
+    """The fitted model against the two-depth run's own measurements (a run it was not fitted on,
+    except for c_layer): decode ms a token and TTFT per depth, GPU-expert count and prompt length,
+    at that run's threads, without CUDA graphs as the host ran."""
+    if not hostfit.depth_fit:
+        return []
+    sha = hostfit.depth_fit["run"]
+    host = host_machine(hostfit)
+    groups: dict[tuple[int, int, int, int], list[dict]] = {}
+    for r in _bench_runs(records).get(sha, []):
+        layers, threads, n = _key(r)
+        groups.setdefault((layers, threads, n, int(rfield(r, "input_len"))), []).append(r)
+    rows = []
+    for (layers, threads, n, length), recs in sorted(groups.items()):
+        s = Settings(num_gpu_experts=n, layers=layers, cpu_threads=threads, output_len=int(rfield(recs[0], "output_len")),
+                     cuda_graphs=False, chunked_prefill_size=int(rfield(recs[0], "env.server_chunked_prefill_size") or 8192),
+                     gpu_prefill_threshold=int(rfield(recs[0], "env.server_kt_gpu_prefill_token_threshold") or 4096))
+        p = predict(hostfit, replace(host, cpu_cores=max(threads, host.cpu_cores)), s, length)
+        ms = statistics.fmean(_decode_ms(r) for r in recs)
+        ttft = statistics.fmean(rfield(r, "ttft_s") for r in recs)
+        rows.append({"layers": layers, "threads": threads, "num_gpu_experts": n, "prompt_len": length, "n": len(recs),
+                     "measured_decode_ms": ms, "predicted_decode_ms": p.decode_ms,
+                     "decode_rel_err": results.relative_difference(p.decode_ms, ms),
+                     "measured_ttft_s": ttft, "predicted_ttft_s": p.ttft_s,
+                     "ttft_rel_err": results.relative_difference(p.ttft_s, ttft), "prefill_path": p.prefill_path})
+    return rows
+
+
+def threads_markdown(hostfit: HostFit) -> str:
+    """Decode through the engine against kt-kernel alone at each --kt-cpuinfer of one run."""
+    if not hostfit.engine_threads:
+        return ""
+    rows = [[t, v["layers"], fmt(v["engine_tok_s"]), fmt(v["engine_ms_per_token"]),
+             fmt(v["engine_ms_per_layer"]) if v["engine_ms_per_layer"] is not None else "-",
+             fmt(v["kernel_ms_per_layer"]) if v["kernel_ms_per_layer"] is not None else "-",
+             f"{v['engine_over_kernel']:.2f}" if v["engine_over_kernel"] is not None else "-",
+             fmt(v["copy_gb_s"]) if v["copy_gb_s"] is not None else "-"]
+            for t, v in sorted(hostfit.engine_threads.items(), key=lambda kv: int(kv[0]))]
+    best = best_engine_threads(hostfit)
+    return (markdown_table(["--kt-cpuinfer", "layers", "engine decode tok/s", "ms a token", "engine ms a layer",
+                            "kt-kernel alone ms a layer", "engine / kernel", "copy GB/s"], rows)
+            + f"\n\nBest through the engine: {best} threads (every expert on the CPU; the engine's ms a layer is its "
+              "ms a token less the per-step cost the two depths measured, over the layers).")
+
+
+def cross_run_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    return markdown_table(
+        ["layers", "threads", "GPU experts", "prompt", "decode ms: measured / predicted (error)",
+         "TTFT s: measured / predicted (error)", "prefill path"],
+        [[r["layers"], r["threads"], r["num_gpu_experts"], r["prompt_len"],
+          f"{fmt(r['measured_decode_ms'])} / {fmt(r['predicted_decode_ms'])} ({r['decode_rel_err'] * 100:+.0f}%)",
+          f"{fmt(r['measured_ttft_s'])} / {fmt(r['predicted_ttft_s'])} ({r['ttft_rel_err'] * 100:+.0f}%)",
+          r["prefill_path"]] for r in rows])
+
+
 def report_section(records: Sequence[dict]) -> tuple[str, list[dict[str, Any]]]:
     """The report's section (fitted constants, comparison, misses) and its rows; ("", []) when the
     records lack what the fit needs."""
@@ -712,7 +923,17 @@ def report_section(records: Sequence[dict]) -> tuple[str, list[dict[str, Any]]]:
              f"M2.1-width engine runs beside kt-kernel alone at {hostfit.threads} threads), then scaled by datasheet "
              "figures (`ktutorial/data/perf_hardware.yaml`) to the published machines with the published settings, "
              "else the planner's. Nothing is fitted to the published figures. Error = (predicted - published) / published.")
-    return "\n\n".join([intro, fit_markdown(hostfit), table_markdown(rows)]), rows
+    parts = [intro, fit_markdown(hostfit), table_markdown(rows)]
+    threads = threads_markdown(hostfit)
+    if threads:
+        parts += ["### --kt-cpuinfer through the engine, beside kt-kernel alone", threads]
+    cross = cross_run_markdown(cross_run_check(hostfit, records))
+    if cross:
+        parts += [f"### The model against a run it was not fitted on ({hostfit.depth_fit['run'][:7]})",
+                  "Decode and TTFT of the two-depth run, predicted from the fit above at that run's settings "
+                  "(no CUDA graphs, as the host ran). Its per-step cost was lower than the fit's host's: decode "
+                  "errors there are that difference.", cross]
+    return "\n\n".join(parts), rows
 
 
 # ---- a plan's prediction -------------------------------------------------------------------------
@@ -759,5 +980,6 @@ def predict_plan(plan: Any, hostfit: Optional[HostFit] = None, prompt_lens: Sequ
 __all__ = [
     "FitError", "HostFit", "Machine", "Settings", "Prediction", "fit", "committed_fit", "fit_json", "predict",
     "predict_plan", "published_comparison", "table_markdown", "fit_markdown", "machine_from_names",
-    "host_machine", "hardware_table", "cpu_decode_bandwidth", "report_section",
+    "host_machine", "hardware_table", "cpu_decode_bandwidth", "report_section", "engine_threads",
+    "best_engine_threads", "cross_run_check",
 ]

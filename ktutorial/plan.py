@@ -23,8 +23,10 @@ keeps a margin for their error and says so.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, InstanceOf, computed_field
@@ -402,8 +404,31 @@ def _default_paths(spec: ModelSpec) -> tuple[str, str]:
     return f"~/models/{spec.name}", spec.name
 
 
+def engine_threads_measured() -> dict[str, dict[str, Any]]:
+    """Decode through the real engine by --kt-cpuinfer on the GPU host (data/perfmodel_fit.json,
+    written by perfmodel from the committed records): the evidence behind the thread rule."""
+    text = (resources.files("ktutorial") / "data" / "perfmodel_fit.json").read_text()
+    return json.loads(text).get("engine_threads") or {}
+
+
+def _engine_evidence(measured: dict[str, dict[str, Any]]) -> str:
+    if not measured:
+        return ""
+    ranked = sorted(measured.items(), key=lambda kv: -kv[1]["engine_tok_s"])
+    cpus = ranked[0][1].get("host_logical_cpus")
+    listing = ", ".join(f"{t}: {v['engine_tok_s']:.0f} tok/s" for t, v in ranked)
+    return (f"; through SGLang + KT itself on a {cpus}-vCPU host, every expert on the CPU, decode by --kt-cpuinfer "
+            f"was {listing} (results/gpu-host-2026-12-06-m21-perf.jsonl)")
+
+
 def _cpuinfer(hw: Hardware, tp: int) -> tuple[int, str]:
     cores, logical, pools = hw.physical_cores, hw.logical_cpus, max(1, hw.numa_nodes)
+    measured = engine_threads_measured()
+    best = max(measured, key=lambda t: measured[t]["engine_tok_s"]) if measured else None
+    if (best is not None and not hw.smt and pools == 1
+            and logical == measured[best].get("host_logical_cpus")):
+        return int(best), (f"{best} of {logical} CPUs: the best --kt-cpuinfer of the real engine's own sweep on a "
+                           f"machine of this size{_engine_evidence(measured)}")
     if hw.smt:
         threads = cores
         why = (f"{cores} physical cores, not the {logical} hyperthreads: the FP8 kernel fills a core's "
@@ -414,7 +439,7 @@ def _cpuinfer(hw: Hardware, tp: int) -> tuple[int, str]:
         threads = max(1, cores - reserve)
         why = (f"{cores} cores without hyperthreads: {min(reserve, cores - 1) if cores > 1 else 0} left for "
                f"SGLang's scheduler{'s' if tp > 1 else ''} and kt's submitting thread (FACTS: decode was "
-               "best at 14 of 16 vCPUs and 4x slower with all 16 busy)")
+               "best at 14 of 16 vCPUs and 4x slower with all 16 busy)" + _engine_evidence(measured))
     if threads >= pools and threads % pools:
         threads -= threads % pools
         why += f"; rounded down to a multiple of the {pools} thread pools"
@@ -537,14 +562,17 @@ def make_plan(spec: ModelSpec, hardware: Hardware, goals: Optional[Goals] = None
     if "mem-fraction-static" in ov:
         mem_frac = float(ov["mem-fraction-static"])
         pool_room = mem_frac * capacity - static_fixed - experts_bytes
-        outside = (1 - mem_frac) * capacity
     else:
         pool_room = room - experts_bytes
-        outside = None
     max_pool = max(0, math.floor(pool_room / kv_tok)) if kv_tok else 0
     cap = cap_tokens if cap_tokens is not None else context
     pool_tokens = min(cap, max_pool)
-    if "mem-fraction-static" not in ov:
+    if "mem-fraction-static" in ov:
+        # sglang allocates min(the fraction's pool, max-total-tokens) (model_runner_kv_cache_mixin.
+        # init_memory_pool) and the command always passes max-total-tokens: what the weights and
+        # the pool leave is free for prefill, the fraction's unused part included.
+        outside = capacity - (static_fixed + experts_bytes + pool_tokens * kv_tok)
+    else:
         static_needed = static_fixed + experts_bytes + pool_tokens * kv_tok
         mem_frac = math.ceil(static_needed / capacity * 1000) / 1000 if capacity else 0.0
         outside = capacity - mem_frac * capacity
@@ -601,12 +629,14 @@ def make_plan(spec: ModelSpec, hardware: Hardware, goals: Optional[Goals] = None
             passes.append(f"VRAM per GPU: {gib(gpu_needed):.1f} of {card}: {breakdown(pool_tokens)}")
         if "mem-fraction-static" in ov and outside is not None and outside < dyn + margin:
             failures.append(
-                f"mem-fraction-static {mem_frac:g} leaves {gib(outside):.1f} GiB per GPU outside the static pool, "
+                f"mem-fraction-static {mem_frac:g} grows the KV pool to {pool_tokens:,} tokens and leaves "
+                f"{gib(outside):.1f} GiB per GPU outside the weights and the pool, "
                 f"but prefill needs {gib(dyn + margin):.1f} GiB there (layerwise layer "
                 f"{gib(dyn_parts['layerwise_prefill_layer']):.1f} + activations "
                 f"{gib(dyn_parts['activations'] + dyn_parts['kt_staging_buffer']):.1f} for chunk {chunk} + reserve "
                 f"{gib(reserve + margin):.1f}): lower it to "
-                f"{math.floor((capacity - dyn - margin) / capacity * 100) / 100:.2f} or lower chunked-prefill-size")
+                f"{math.floor((capacity - dyn - margin) / capacity * 100) / 100:.2f}, cap the pool with a lower "
+                "max-total-tokens, or lower chunked-prefill-size")
         if cap_tokens is not None and context <= pool_tokens < cap_tokens:
             notes.append(f"max-total-tokens {cap_tokens:,} is a cap: sglang sizes the KV pool from "
                          f"mem-fraction-static, about {pool_tokens:,} tokens here (all {cap_tokens:,} in "

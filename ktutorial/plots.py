@@ -104,6 +104,53 @@ def bench_vs_input_len(
     return Figures(paths)
 
 
+# ---- under load (records of ktutorial.load) ---------------------------------------------------
+
+LOAD_KIND = "load"
+
+
+def load_throughput_latency(records: Sequence[dict], out_dir: Path) -> list[Path]:
+    """Output tok/s against latency, one point per concurrency level labelled with it: TTFT on the
+    left, inter-token latency on the right, p50 solid and p90 dashed; one colour per configuration
+    (label, input and output length, request rate)."""
+    loads = [r for r in records if r["kind"] == LOAD_KIND and _num(field(r, "output_tok_s")) is not None]
+    if not loads:
+        return Figures()
+
+    def line_of(r: dict) -> str:
+        rate = field(r, "request_rate_req_s")
+        return (f"{field(r, 'config')}, {field(r, 'input_len')} in / {field(r, 'output_len')} out"
+                + ("" if rate is None else f", {rate:g} req/s"))
+
+    lines = list(dict.fromkeys(line_of(r) for r in loads))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, latency, title in ((axes[0], "ttft_s", "time to first token"), (axes[1], "itl_s", "inter-token latency")):
+        for i, line in enumerate(lines):
+            sel = sorted((r for r in loads if line_of(r) == line), key=lambda r: field(r, "concurrency"))
+            ys = [field(r, "output_tok_s") for r in sel]
+            for pct, style in (("p50", "-"), ("p90", "--")):
+                xs = [_num(field(r, f"{latency}_{pct}")) for r in sel]
+                pts = [(x * 1000, y, r) for x, y, r in zip(xs, ys, sel) if x is not None]
+                if not pts:
+                    continue
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=style, marker="o", color=f"C{i}",
+                        label=f"{pct}: {line}" if len(lines) > 1 else pct)
+                for x, y, r in pts:
+                    queued = "*" if field(r, "queued_in_server") else ""
+                    ax.annotate(f"c={field(r, 'concurrency')}{queued}", (x, y), textcoords="offset points",
+                                xytext=(4, 4), fontsize=7, color=f"C{i}")
+        ax.set_xlabel(f"{title} (ms)")
+        ax.set_ylabel("output tokens / s (all requests)")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(f"throughput against {title}", fontsize=10)
+    queued = any(field(r, "queued_in_server") for r in loads)
+    fig.suptitle("under load: one point per concurrency level c" + (" (* more than the server runs at once: "
+                 "the rest queue)" if queued else ""), fontsize=10)
+    return Figures([save_figure(fig, out_dir / "load_throughput_latency.png")])
+
+
 # ---- sweeps -----------------------------------------------------------------------------------
 
 
@@ -311,21 +358,21 @@ def hybrid_vs_gpu_experts(records: Sequence[dict], out_dir: Path) -> list[Path]:
     hyb = [r for r in records if r["kind"] == HYBRID_KIND]
     if not hyb:
         return Figures()
-    groups = results.compare(hyb, ["routing", "tokens", "n_gpu_experts"], metrics=["latency_ms"])
+    groups = results.compare(hyb, ["routing", "gpu_kernel", "tokens", "n_gpu_experts"], metrics=["latency_ms"])
     token_counts = sorted({g["key"]["tokens"] for g in groups}, key=_order)
     fig, axes = plt.subplots(1, len(token_counts), figsize=(5.5 * len(token_counts), 4.5), squeeze=False)
     all_x = [g["key"]["n_gpu_experts"] for g in groups if _num(g["key"]["n_gpu_experts"]) is not None]
     n_experts = (max(_num(field(r, "experts")) or 0 for r in hyb) or max(all_x)) if all_x else None
     for ax, tokens in zip(axes[0], token_counts):
-        lines: dict[str, list] = {}
+        lines: dict[tuple, list] = {}
         for g in groups:
             if g["key"]["tokens"] == tokens:
-                lines.setdefault(g["key"]["routing"], []).append(g)
-        for routing, gs in sorted(lines.items(), key=lambda kv: str(kv[0])):
+                lines.setdefault((g["key"]["routing"], g["key"]["gpu_kernel"]), []).append(g)
+        for (routing, kernel), gs in sorted(lines.items(), key=lambda kv: str(kv[0])):
             gs = sorted(gs, key=lambda g: _order(g["key"]["n_gpu_experts"]))
             ax.errorbar([g["key"]["n_gpu_experts"] for g in gs], [g["metrics"]["latency_ms"]["mean"] for g in gs],
                         yerr=[g["metrics"]["latency_ms"]["stdev"] or 0 for g in gs], marker="o", capsize=3,
-                        label=f"{routing} routing")
+                        label=f"{routing} routing, GPU half: {kernel or 'torch loop (bf16)'}")
         if all_x:
             lo = min(all_x)
             ax.axvline(lo, color="gray", linestyle=":")

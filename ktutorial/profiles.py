@@ -43,6 +43,10 @@ class Profile(BaseModel):
     sglang: dict[str, Any] = Field(default_factory=dict)
     bench: BenchDefaults
     sweep_spec: Optional[str] = None
+    # Written by `ktutorial tune`: what its launches measured (the boundary, the first failing value
+    # and why it failed, the records). Its `sglang:` values then launch even where the planner's
+    # estimate says they do not fit: they were seen to fit on that machine.
+    tuned: Optional[dict[str, Any]] = None
 
     def data_path(self, relative: str) -> Path:
         """A file shipped beside the profiles (sweep specs)."""

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
-from ktutorial import perfmodel, plots, results, server
+from ktutorial import load, perfmodel, plots, results, server
 from ktutorial.diagnose import diagnose
 from ktutorial.engines import sglang_kt
 from ktutorial.errors import UserError
@@ -277,8 +277,9 @@ def hybrid_table(records: Sequence[dict]) -> str:
     hyb = [r for r in records if r["kind"] == "hybrid_layer"]  # plots.HYBRID_KIND
     if not hyb:
         return ""
-    groups = results.compare(hyb, ["routing", "tokens", "n_gpu_experts"],
-                             metrics=["latency_ms", "gpu_ms", "cpu_ms", "gpu_coverage"])
+    # The GPU kernel is part of the key: the first records' torch loop and the fused kernel never merge.
+    groups = results.compare(hyb, ["gpu_kernel", "routing", "tokens", "n_gpu_experts"],
+                             metrics=["latency_ms", "gpu_ms", "cpu_ms", "gpu_coverage", "gpu_over_roofline", "overlap_ratio"])
     experts = max((field(r, "experts") or 0) for r in hyb)
     rows = []
     for g in groups:
@@ -286,10 +287,11 @@ def hybrid_table(records: Sequence[dict]) -> str:
         end = " (CPU only)" if n == 0 else " (GPU only)" if experts and n == experts else ""
         m = g["metrics"]
         cov = m["gpu_coverage"]["mean"]
-        rows.append([g["key"]["routing"], g["key"]["tokens"], f"{n}{end}", _pm(m["latency_ms"]),
-                     _pm(m["gpu_ms"]), _pm(m["cpu_ms"]), "-" if cov is None else f"{cov:.0%}", g["n"]])
-    return _md(["routing", "tokens", "GPU experts", "latency ms", "GPU side ms", "CPU side ms",
-                "routed to GPU", "n"], rows)
+        rows.append([g["key"]["gpu_kernel"] or "torch loop (bf16)", g["key"]["routing"], g["key"]["tokens"], f"{n}{end}",
+                     _pm(m["latency_ms"]), _pm(m["gpu_ms"]), _pm(m["cpu_ms"]), "-" if cov is None else f"{cov:.0%}",
+                     _pm(m["gpu_over_roofline"]), _pm(m["overlap_ratio"]), g["n"]])
+    return _md(["GPU half", "routing", "tokens", "GPU experts", "latency ms", "GPU side ms", "CPU side ms",
+                "routed to GPU", "GPU / roofline", "layer / slower side", "n"], rows)
 
 
 def reply_check_table(records: Sequence[dict]) -> str:
@@ -433,6 +435,7 @@ def write_report(
 
     figures: list[Path] = []
     figures += plots.bench_vs_input_len(records, out, published=pub, config_key=config_key)
+    figures += plots.load_throughput_latency(records, out)
     figures += plots.sweep_by_knob(records, out)
     figures += plots.kernel_vs_threads(records, out)
     figures += plots.llamacpp_vs_kt(records, out)
@@ -469,6 +472,18 @@ def write_report(
                 "figures for fast models are not to be trusted.",
                 agree,
             ]
+    ltable_load = load.load_table(records)
+    if ltable_load:
+        sections += [
+            "## Under load: throughput and latency by concurrency",
+            "Each row: one concurrency level, N requests of exactly the stated input and output tokens, at most that "
+            "many in flight (arrivals all at once, or Poisson at the stated rate). Latencies are p50 / p90 / p99 in ms "
+            "over the level's requests: TTFT to the first token, ITL between streamed chunks (a chunk of k tokens "
+            "counts k gaps of its gap / k), TPOT = (E2E − TTFT) / (output tokens − 1), E2E to the last token; "
+            "req/s and output tok/s over the level's duration, SGLang bench_serving's definitions. \"(queued)\": "
+            "the level asks for more requests than the server runs at once, so the rest waited in its queue.",
+            ltable_load,
+        ]
     if pub:
         sections += [
             "## Published (KTransformers' MiniMax-M2.1 tutorial; not measured by ktutorial)",
@@ -519,6 +534,8 @@ def write_report(
         "records": len(records),
         "kinds": kinds,
         "bench": bench_summary(records, config_key),
+        "load": [{"params": {k: v for k, v in r["params"].items()}, "metrics": r["metrics"]}
+                 for r in records if r["kind"] == load.KIND],
         "kernel": kernel_summary(records),
         "best_threads": best,
         "figures": [p.name for p in figures],
@@ -805,6 +822,8 @@ def coverage_table(study: dict) -> Markdown:
 def hybrid_observations(records: Sequence[dict]) -> Markdown:
     """The measured `--kt-num-gpu-experts` trade-off at M2.1 layer shape, in sentences."""
     hyb = [r for r in records if r["kind"] == plots.HYBRID_KIND]
+    # Records that name their GPU kernel (SGLang's fused MoE since issue 13) supersede the first torch loop's.
+    hyb = [r for r in hyb if field(r, "gpu_kernel")] or hyb
     if not hyb:
         return Markdown("No hybrid-layer records.")
     experts = max(field(r, "experts") or 0 for r in hyb)

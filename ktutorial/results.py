@@ -145,14 +145,27 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          written_by="hybrid"),
     Kind(name="orphan_check", params=("after",), metrics=("processes_left",), written_by="results/gpu-host.sh"),
     Kind(name="engine_log", params=("variant",), metrics=("became_ready", "returncode"), written_by="results/gpu-host.sh"),
-    # Kinds being added on other branches: registered with the common shape only until their
-    # writers name the fields they need.
-    Kind(name="load", written_by="load"),
-    Kind(name="tune_probe", written_by="tune"),
-    Kind(name="tune_result", written_by="tune"),
-    Kind(name="placement_share", written_by="placement"),
-    Kind(name="gpu_ceilings", written_by="kernel_bench"),
-    Kind(name="gpu_half_probe", written_by="kernel_bench"),
+    Kind(name="hybrid_summary", params=("routing", "tokens", "gpu_kernel", "threads", "shape"),
+         metrics=("monotone_within_spread", "breaks", "n_points", "n_gpu_experts", "latency_ms", "checks_pass"),
+         written_by="kernel_bench"),
+    Kind(name="gpu_ceilings", params=("gpu", "timer", "copy_bytes", "matmul_n"),
+         metrics=("copy_gb_s", "bf16_tflop_s", "fp8_tflop_s"), written_by="kernel_bench"),
+    Kind(name="gpu_half_probe", params=("shape", "n_gpu_experts", "tokens", "gpu", "gpu_kernel", "calls"),
+         metrics=("rel_err", "rel_err_limit", "roofline_ms", "eager_ms", "over_roofline"), written_by="kernel_bench"),
+    Kind(name="load", params=("input_len", "output_len", "concurrency", "num_requests", "request_rate_req_s", "engine",
+                              "model", "config"),
+         metrics=("completed", "failed", "errors", "duration_s", "request_throughput_req_s", "output_tok_s", "total_tok_s",
+                  *(f"{m}_{s}" for m in ("ttft_s", "itl_s", "tpot_s", "e2e_s") for s in ("mean", "p50", "p90", "p99")),
+                  "server_max_running_requests", "queued_in_server"),
+         written_by="load"),
+    Kind(name="tune_probe", params=("tune", "profile", "phase", "reason", "settings", "probe_key"),
+         metrics=("outcome", "ok", "wall_s", "diagnosis", "boundary_hint"), written_by="tune"),
+    Kind(name="tune_result", params=("tune", "profile", "min", "max", "context_tokens"),
+         metrics=("boundary", "first_failing", "chunked_prefill_size", "probes", "launches", "settings"),
+         written_by="tune"),
+    Kind(name="placement_share", params=("profile", "model", "strategy", "gpu_experts_per_layer", "num_layers",
+                                         "num_experts", "prompt_set", "scored_on"),
+         metrics=("gpu_activation_share", "activations", "forward_passes", "decode_tok_s"), written_by="placement"),
 )}
 
 
@@ -182,14 +195,19 @@ def _run(cmd: Sequence[str], cwd: Optional[str] = None, timeout: float = 10) -> 
 def _git() -> dict[str, Any]:
     """The commit of the ktutorial source tree, if the package runs from a git checkout."""
     pkg_dir = Path(__file__).resolve().parent
+    # Named by whoever sent the tree (results/gpu-host.sh's caller): it wins, because a GPU host's
+    # copy of .git can be older than the tree beside it (seen 2026-12-06: git then named the
+    # session's first commit, dirty, for a tree that was exactly a later commit).
+    passed = os.environ.get("KTUTORIAL_GIT_SHA")
+    if passed:
+        return {"git_sha": passed, "git_dirty": False}
     top = _run(["git", "rev-parse", "--show-toplevel"], cwd=str(pkg_dir))
     # Only our own checkout counts: an installed copy inside some other repository would
     # otherwise report that repository's commit.
     if not top or Path(top).resolve() != pkg_dir.parent:
         # A tree unpacked from `git archive` (how results/gpu-host.sh travels to a GPU host) has
-        # no .git: the commit it was archived from is passed in the environment instead.
-        sha = os.environ.get("KTUTORIAL_GIT_SHA")
-        return {"git_sha": sha or None, "git_dirty": False if sha else None}
+        # no .git: the commit it was archived from must be passed in KTUTORIAL_GIT_SHA instead.
+        return {"git_sha": None, "git_dirty": None}
     sha = _run(["git", "rev-parse", "HEAD"], cwd=top)
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=top)
     return {"git_sha": sha or None, "git_dirty": None if status is None else bool(status)}

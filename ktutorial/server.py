@@ -605,6 +605,8 @@ def llamacpp_launch(
     n_gpu_layers: Optional[int] = None,
     op_offload: bool = True,
     reasoning_format: str = "deepseek",
+    parallel: int = 1,
+    kv_unified: bool = False,
     ready_timeout_s: float = LLAMACPP_READY_TIMEOUT_S,
     dry_run: bool = False,
 ) -> Launch:
@@ -624,6 +626,8 @@ def llamacpp_launch(
         n_gpu_layers=n_gpu_layers,
         op_offload=op_offload,
         reasoning_format=reasoning_format,
+        parallel=parallel,
+        kv_unified=kv_unified,
         binary=binary,
     )
     config.validate()
@@ -651,18 +655,22 @@ def sglang_launch(
     overrides: Optional[dict] = None,
     ready_timeout_s: float = SGLANG_READY_TIMEOUT_S,
     dry_run: bool = False,
+    beyond_plan: bool = False,
 ) -> Launch:
-    """The Launch for SGLang + KT from a Plan (engines/sglang_kt.py renders and validates it)."""
+    """The Launch for SGLang + KT from a Plan (engines/sglang_kt.py renders and validates it).
+
+    `beyond_plan` launches settings the planner's estimate says do not fit: a tuned profile's
+    measured values, or `ktutorial tune`'s probes looking for the real boundary."""
     overrides = dict(overrides or {})
     chosen_port = port if port is not None else (DEFAULT_PORTS["sglang-kt"] if dry_run else free_port())
     overrides.setdefault("host", HOST)
     overrides["port"] = chosen_port
     # Rendering validates: values sglang-kt's parser takes but that fail later are refused here.
-    command = list(sglang_kt.render_command(plan, overrides, expand_paths=not dry_run))
+    command = list(sglang_kt.render_command(plan, overrides, expand_paths=not dry_run, beyond_plan=beyond_plan))
     env = dict(sglang_kt.render_env(plan))
     served = _flag_value(command, "--served-model-name") or _flag_value(command, "--model-path") or "default"
     if not dry_run:
-        if not getattr(plan, "fits", True):
+        if not getattr(plan, "fits", True) and not beyond_plan:
             raise UserError("the plan does not fit this machine: " + "; ".join(plan.reasons)
                             + " (`ktutorial plan` shows the numbers; --dry-run prints the command anyway)")
         model_path = _flag_value(command, "--model-path")
@@ -714,15 +722,20 @@ def prepare(
     n_gpu_layers: Optional[int] = None,
     op_offload: Optional[bool] = None,
     reasoning_format: str = "deepseek",
+    parallel: Optional[int] = None,
+    kv_unified: Optional[bool] = None,
     ready_timeout_s: Optional[float] = None,
     plan_options: Optional[dict] = None,
+    beyond_plan: Optional[bool] = None,
 ) -> Launch:
     """The validated Launch for a profile (name, path or Profile) or a Plan, without starting it.
 
     Profile tiny: llama.cpp on `tiny.ensure(seed).gguf_path`, served as "ktutorial-tiny".
     An sglang-kt profile or a Plan: the SGLang + KT command from the plan; `plan_options` are
     `ktutorial plan`'s (gpu="RTX 5090:32", ram_gb=512, context_tokens=..., sets=[...]), or pass
-    a ready `plan=`.
+    a ready `plan=`. `--set` values (plan_options["sets"]) win over the profile's `sglang:` block,
+    and `overrides` over both. `beyond_plan` (default: whether the profile was written by
+    `ktutorial tune`) launches where the planner's estimate says the settings do not fit.
     """
     if hasattr(profile_or_plan, "settings"):  # a Plan
         return sglang_launch(
@@ -731,6 +744,7 @@ def prepare(
             overrides=overrides,
             dry_run=dry_run,
             ready_timeout_s=ready_timeout_s or SGLANG_READY_TIMEOUT_S,
+            beyond_plan=bool(beyond_plan),
         )
     prof = _profile(profile_or_plan)
     if prof.engine == "llamacpp" and plan_options:
@@ -760,6 +774,8 @@ def prepare(
             n_gpu_layers=n_gpu_layers if n_gpu_layers is not None else settings.get("n_gpu_layers"),
             op_offload=op_offload if op_offload is not None else bool(settings.get("op_offload", True)),
             reasoning_format=reasoning_format,
+            parallel=parallel if parallel is not None else int(settings.get("parallel", 1)),
+            kv_unified=kv_unified if kv_unified is not None else bool(settings.get("kv_unified", False)),
             ready_timeout_s=ready_timeout_s or LLAMACPP_READY_TIMEOUT_S,
             dry_run=dry_run,
         )
@@ -770,11 +786,19 @@ def prepare(
             plan,
             port,
             profile=prof.name,
-            overrides={**prof.sglang, **(overrides or {})},
+            overrides={**profile_flags(prof, plan), **(overrides or {})},
             dry_run=dry_run,
             ready_timeout_s=ready_timeout_s or SGLANG_READY_TIMEOUT_S,
+            beyond_plan=bool(prof.tuned) if beyond_plan is None else beyond_plan,
         )
     raise UserError(f"profile {prof.name!r}: unknown engine {prof.engine!r} (llamacpp or sglang-kt)")
+
+
+def profile_flags(prof, plan) -> dict[str, Any]:
+    """The profile's `sglang:` flags, typed, less those the plan's `--set` values name: a flag set
+    on the command line wins over the profile (the overrides re-plan on top of the `--set` ones)."""
+    yours = set(sglang_kt.coerce_overrides(getattr(plan.goals, "overrides", None) or {}))
+    return {k: v for k, v in sglang_kt.coerce_overrides(prof.sglang).items() if k not in yours}
 
 
 HARDWARE_OPTIONS = ("gpu", "gpus", "ram_gb", "cpu_cores", "logical_cpus", "numa_nodes", "cpu_flags")
@@ -800,7 +824,8 @@ def plan_for_profile(prof, **plan_options):
     plan = plan_for(model_dir=model_dir if present else None, **opts)
     if model_dir and not present:
         # Not downloaded yet (or not on this machine): plan from the shipped config, and still
-        # point the command at the profile's folder.
+        # point the command at the profile's folder (the goals too: a re-plan keeps it).
+        plan.goals.model_dir = model_dir
         for flag in ("model-path", "kt-weight-path"):
             if flag in plan.settings:
                 plan = plan.with_setting(flag, model_dir)

@@ -7,6 +7,7 @@ cards count them. Nothing here imports torch: a plan can be made on any machine.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -30,6 +31,11 @@ REQUIRED_FIELDS = (
     "head_dim",
     "vocab_size",
 )
+
+# The one architecture the arithmetic below describes (MiniMax-M2, M2.1, M2.5 share it): every
+# layer a 256-expert MoE with no shared expert, w1/w2/w3 experts, GQA attention with QK norm.
+SUPPORTED_MODEL_TYPE = "minimax_m2"
+SUPPORTED_ARCHITECTURE = "MiniMaxM2ForCausalLM"
 
 FP8_BYTES = 1
 BF16_BYTES = 2
@@ -66,6 +72,7 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, config: dict[str, Any], name: str = "model") -> "ModelSpec":
+        check_architecture(config, name)
         missing = [f for f in REQUIRED_FIELDS if f not in config]
         if missing:
             raise SpecError(
@@ -244,6 +251,35 @@ class ModelSpec:
         }
 
 
+def check_architecture(config: dict[str, Any], name: str = "model") -> None:
+    """SpecError unless `config` is a MiniMax-M2-architecture config.json. Runs before the field
+    check, so another family's config (whose fields differ) is named as such, not as a missing field."""
+    if not isinstance(config, dict):
+        raise SpecError(f"config.json of {name!r} is not a JSON object")
+    model_type = config.get("model_type")
+    archs = config.get("architectures")
+    archs = [archs] if isinstance(archs, str) else list(archs or [])
+    if model_type is None and not archs:
+        raise SpecError(f"config.json of {name!r} lacks field model_type (and architectures): ktutorial plans "
+                        f"model_type {SUPPORTED_MODEL_TYPE!r} ({SUPPORTED_ARCHITECTURE}) only")
+    wrong_type = model_type is not None and model_type != SUPPORTED_MODEL_TYPE
+    wrong_arch = bool(archs) and SUPPORTED_ARCHITECTURE not in archs
+    if wrong_type or wrong_arch:
+        found = ", ".join(p for p in (f"model_type {model_type!r}" if model_type is not None else "",
+                                      f"architectures {archs}" if archs else "") if p)
+        raise SpecError(
+            f"config.json of {name!r} is {found}: ktutorial plans the MiniMax-M2 architecture only "
+            f"(model_type {SUPPORTED_MODEL_TYPE!r}, architectures [{SUPPORTED_ARCHITECTURE!r}]: MiniMax-M2, "
+            "M2.1, M2.5 and their fine-tunes); its expert, attention and KV arithmetic does not describe other models")
+
+
+def unknown_model_message(name: str, names: list[str], also: str = "") -> str:
+    """'unknown model X (did you mean Y?); known models: ...': close spellings named first."""
+    close = difflib.get_close_matches(name.lower(), names, n=2, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return f"unknown model {name!r}{hint}; known models: {', '.join(names)}{also}"
+
+
 def known_models() -> list[str]:
     root = resources.files("ktutorial") / "data" / "models"
     return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
@@ -253,7 +289,7 @@ def known_model(name: str) -> dict[str, Any]:
     """config.json and model.json of a model that ships with the package."""
     names = known_models()
     if name not in names:
-        raise SpecError(f"unknown model {name!r}; known models: {', '.join(names)}")
+        raise SpecError(unknown_model_message(name, names))
     root = resources.files("ktutorial") / "data" / "models" / name
     return {
         "config": json.loads((root / "config.json").read_text()),

@@ -20,7 +20,17 @@
 #            engine over --kt-cpuinfer 14/16/12/8 with every expert on the CPU (sweep
 #            minimax-m2.1-synth-depth), prompts of 8192 and 32768 tokens (minimax-m2.1-synth-long), and
 #            kt-kernel alone at the same thread counts (kernel-bench, decode and a 2048-token chunk)
-#            (perf is not in the default list: run it by name)
+#   placement uniform against recorded expert placement on held-out prompts (`ktutorial placement
+#            compare`), on the tiny and on a 2-layer M2.1-width checkpoint with skewed routing
+#            (KTUTORIAL_PLACEMENT_SYNTH=0 skips the latter)
+#   load     tiny-sglang with --max-running-requests 8: replies, the single-request bench, then
+#            `bench --concurrency 1,2,4,8` and Poisson arrivals at 4 req/s; stop and count what is left
+#   tune     `ktutorial tune` on the 2-layer M2.1-width checkpoint, --mem-fraction-static set so the
+#            planner puts the --kt-num-gpu-experts boundary at 128 (KTUTORIAL_TUNE_ARGS adds options)
+#   hybrid   one MiniMax-M2.1 layer split between the GPU (SGLang's fused FP8 MoE) and kt-kernel (14
+#            threads): first `kernel-bench --gpu-probe` (the GPU half alone, a minute), then
+#            `kernel-bench --hybrid` over N = 0..256 GPU experts (about 3 minutes)
+#            (perf, placement, load, tune and hybrid are not in the default list: run them by name)
 #
 # The GPU host's python3 must hold torch with CUDA and sglang-kt. With no network there, the offline
 # bundle of sglang-kt (../shared/sglang-gpu-host) is unpacked first when KTUTORIAL_GPU_BUNDLE names it,
@@ -187,6 +197,70 @@ step_perf() {
   done
   log "kernel-bench --threads 16,12,8"; kernel 16,12,8
   log "processes left after the sweeps: $(leftover)"
+}
+
+step_placement() {  # uniform against recorded placement on held-out prompts, through the engine
+  log "placement compare --profile tiny-sglang --gpu-experts 4"
+  kt placement compare --profile tiny-sglang --gpu-experts 4 --out "$records" --json \
+    > "$out/placement-tiny.json" 2>&1 || { log "placement tiny failed:"; tail -5 "$out/placement-tiny.json"; }
+  log "processes left: $(leftover)"
+  cp -r "$KTUTORIAL_HOME/placement" "$out/placement-files" 2>/dev/null || true  # the dumps and the placement file
+  [ "${KTUTORIAL_PLACEMENT_SYNTH:-1}" = 1 ] || return 0
+  d="$HOME/models/MiniMax-M2.1-synth-skewed-2l"
+  [ -f "$d/model.safetensors.index.json" ] || kt synth --layers 2 --routing skewed --out "$d" --force --json \
+    > "$out/synth-skewed.json" || { log "synth skewed failed"; return 1; }
+  [ "$(remaining)" -gt 200 ] || { log "placement synth skipped: out of time"; return 1; }
+  log "placement compare --profile minimax-m2.1-synth (skewed routing) --gpu-experts 16"
+  timeout "$(remaining)" python3 -m ktutorial placement compare --profile minimax-m2.1-synth --model-dir "$d" \
+    --gpu-experts 16 --out "$records" --json > "$out/placement-synth.json" 2>&1 \
+    || { log "placement synth failed:"; tail -5 "$out/placement-synth.json"; }
+  log "processes left: $(leftover)"
+}
+
+step_load() {  # under load: 1-8 requests at once through SGLang + KT, SGLang running up to 8 together
+  kt stop --all > /dev/null 2>&1  # `bench` without --base-url measures the server started last: this one
+  log "serve --profile tiny-sglang --set max-running-requests=8"
+  if ! kt serve --profile tiny-sglang --set max-running-requests=8 --detach --json > "$out/serve-load.json" \
+      2> "$out/serve-load.err"; then
+    log "serve failed:"; tail -40 "$out/serve-load.err"; return 1
+  fi
+  log "replies and the single-request bench (the SGLang adapter since engines own their HTTP)"
+  kt replies --out "$records" > "$out/replies-load.txt" 2>&1 || log "some replies differ (records say which)"
+  kt bench --input-lens 128,1024 --output-len 32 --repeats 2 --out "$records" > "$out/bench-load.txt" 2>&1 \
+    || log "single-request bench failed"
+  log "bench --concurrency 1,2,4,8 (512 tokens in, 64 out)"
+  kt bench --concurrency 1,2,4,8 --input-lens 512 --output-len 64 --config "tiny-sglang, max-running-requests 8" \
+    --out "$records" > "$out/load.txt" 2>&1 || log "load: some requests failed (the records say which)"
+  log "bench --concurrency 8 --request-rate 4 (Poisson arrivals, seed 0)"
+  kt bench --concurrency 8 --request-rate 4 --num-requests 32 --input-lens 512 --output-len 64 \
+    --config "tiny-sglang, max-running-requests 8" --out "$records" >> "$out/load.txt" 2>&1 \
+    || log "load at 4 req/s: some requests failed"
+  step_stop
+}
+
+step_tune() {  # the --kt-num-gpu-experts boundary on this GPU, found by real launches
+  ensure_synth 2 || { log "synth failed"; return 1; }
+  kt tune --profile minimax-m2.1-synth --fraction-for-boundary 128 --dry-run > "$out/tune-plan.txt" 2>&1 \
+    || { log "tune plan refused:"; tail -5 "$out/tune-plan.txt"; return 1; }
+  [ "$(remaining)" -gt 150 ] || { log "tune skipped: out of time"; return 1; }
+  log "tune minimax-m2.1-synth (about 40 s a launch; run the step again to resume)"
+  timeout "$(remaining)" python3 -m ktutorial tune --profile minimax-m2.1-synth --fraction-for-boundary 128 \
+    ${KTUTORIAL_TUNE_ARGS:-} --ready-timeout 300 --out "$records" --resume \
+    --write-profile "$out/minimax-m2.1-synth-tuned.yaml" > "$out/tune.txt" 2> "$out/tune.err" \
+    || log "tune: no boundary found, or out of time"
+  tail -6 "$out/tune.err"; tail -8 "$out/tune.txt"
+  log "processes left after the tune: $(leftover)"
+}
+
+step_hybrid() {
+  log "kernel-bench --gpu-probe (the GPU half alone: which kernel, its error, time against the roofline)"
+  timeout "$(remaining)" python3 -m ktutorial kernel-bench --gpu-probe --out "$records" > "$out/gpu-probe.txt" 2>&1 \
+    || { log "gpu probe failed:"; tail -30 "$out/gpu-probe.txt"; return 1; }
+  tail -12 "$out/gpu-probe.txt"
+  log "kernel-bench --hybrid --threads 14"
+  timeout "$(remaining)" python3 -m ktutorial kernel-bench --hybrid --threads 14 --out "$records" > "$out/hybrid.txt" 2>&1 \
+    || { log "hybrid failed:"; tail -40 "$out/hybrid.txt"; return 1; }
+  tail -25 "$out/hybrid.txt"
 }
 
 for step in $steps; do "step_$step"; done

@@ -30,11 +30,14 @@ DEFERRED_OK = {
     "huggingface_hub": "reads HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE once, at import: importing it "
                        "when a download starts lets a caller set them first",
     "httpx2": "huggingface_hub's transport, imported with it",
+    "sglang": "optional: sglang-kt is installed on the GPU host only, and its import chain needs CUDA "
+              "(the GPU half of the hybrid layer, SGLang's own placement masks)",
     "matplotlib": "about 1 s at import: plots.py imports it at its top; only hybrid's own chart defers it",
 }
 # ktutorial modules the CLI imports inside a command, and why (the CLI's start-up stays short).
 CLI_DEFERRED_OK = {
     "ktutorial.hybrid": "imports torch and transformers at its top (seconds)",
+    "ktutorial.placement": "imports torch and ktutorial.hybrid at its top (seconds)",
 }
 
 

@@ -83,23 +83,76 @@ def test_llamacpp_layer_records(tmp_path):
 
 def test_hybrid_layer_records(tmp_path):
     out = tmp_path / "hybrid.jsonl"
-    kb.run_hybrid(out, 1, shape="tiny", gpu_experts=[0, 4, 16], decode_calls=3, prefill_calls=1)
+    kb.run_hybrid(out, 1, shape="tiny", gpu_experts=[0, 4, 16], decode_calls=3, prefill_calls=2)
     recs = results.load_records(out)
     (probe,) = _kinds(recs, kb.KIND_MASK_PROBE)
     assert probe["metrics"]["minus_one_ids_rel_err"] < REL_ERR_MAX
+    (ceil,) = _kinds(recs, kb.KIND_GPU_CEILINGS)
+    assert ceil["metrics"]["copy_gb_s"] > 0 and ceil["metrics"]["bf16_tflop_s"] > 0
     hyb = _kinds(recs, kb.KIND_HYBRID)
     assert len(hyb) == 3 * 2 * 2  # N x routing x (decode, prefill)
-    by = {(r["params"]["routing"], r["params"]["n_gpu_experts"], r["params"]["tokens"]): r["metrics"] for r in hyb}
-    for key, m in by.items():
-        assert m["rel_err"] < REL_ERR_MAX, key  # the split adds up to the whole layer
-        assert m["latency_ms"] > 0
-    for routing in ("random", "skewed"):
-        for tokens in (1, kb.layer_shape("tiny").hybrid_prefill_tokens):
-            assert by[(routing, 0, tokens)]["gpu_coverage"] == 0 and by[(routing, 0, tokens)]["gpu_ms"] == 0
-            assert by[(routing, 16, tokens)]["gpu_coverage"] == 1 and by[(routing, 16, tokens)]["cpu_ms"] == 0
-            assert by[(routing, 4, tokens)]["gpu_ms"] > 0 and by[(routing, 4, tokens)]["cpu_ms"] > 0
+    sh = kb.layer_shape("tiny")
+    by = {(r["params"]["routing"], r["params"]["n_gpu_experts"], r["params"]["tokens"]): r for r in hyb}
+    for key, r in by.items():
+        p, m = r["params"], r["metrics"]
+        # No GPU here: the record must say the grouped GEMM ran on the CPU, never pass for the fused kernel.
+        assert p["gpu_kernel"] == "torch_grouped_mm_bf16" and "no CUDA device" in p["gpu_kernel_reason"]
+        assert p["gpu"].startswith("cpu (stand-in") and p["cuda_graph"] is False
+        assert m["rel_err_limit"] == 2e-2 and m["rel_err"] < m["rel_err_limit"], key  # the split adds up to the layer
+        assert m["checks_pass"] is True
+        assert m["latency_ms"] > 0 and m["latency_ms_p10"] <= m["latency_ms"] <= m["latency_ms_p90"]
+        assert len(r["samples"]["latency_ms"]) == m["n"] == (3 if p["tokens"] == 1 else 2)
+        assert m["overlap_ratio"] == pytest.approx(m["latency_ms"] / max(m["gpu_ms"], m["cpu_ms"]))
+        assert m["copy_gb_s"] == ceil["metrics"]["copy_gb_s"] and m["matmul_tflop_s"] == ceil["metrics"]["bf16_tflop_s"]
+        if key[1] == 0:  # CPU only
+            assert m["gpu_ms"] == 0 and m["gpu_coverage"] == 0 and m["gpu_over_roofline"] is None
+            assert m["rel_err_gpu_half"] is None and m["gpu_roofline_ms"] == 0
+        else:
+            assert m["gpu_ms"] > 0 and m["rel_err_gpu_half"] < m["rel_err_limit"]
+            assert m["gpu_ms_p10"] <= m["gpu_ms"] <= m["gpu_ms_p90"]
+            # the roofline from this run's ceilings and the calls' routed work
+            bpe = 2 * 3 * sh.hidden * sh.intermediate
+            want = [max((u * bpe + 2 * p["tokens"] * sh.hidden * 2 * (rows > 0)) / (m["copy_gb_s"] * 1e9),
+                        rows * 6 * sh.hidden * sh.intermediate / (m["matmul_tflop_s"] * 1e12)) * 1e3
+                    for u, rows in zip(r["samples"]["gpu_unique_experts"], r["samples"]["gpu_routed_rows"])]
+            assert m["gpu_roofline_ms"] == pytest.approx(sum(want) / len(want))
+            assert r["samples"]["gpu_roofline_ms"] == pytest.approx(want)
+            if m["gpu_roofline_ms"] > 0:
+                assert m["gpu_over_roofline"] == pytest.approx(m["gpu_ms_mean"] / m["gpu_roofline_ms"])
+        if key[1] == 16:  # GPU only
+            assert m["cpu_ms"] == 0 and m["gpu_coverage"] == 1
+        else:
+            assert m["cpu_ms"] > 0
     # hottest-first placement: 4 GPU experts of 16 catch more activations under skewed routing
-    assert by[("skewed", 4, 1)]["gpu_coverage"] > by[("random", 4, 1)]["gpu_coverage"]
+    # (the prefill chunk: 64 routed rows a point, where a decoded token has 2 a call)
+    t = sh.hybrid_prefill_tokens
+    assert by[("skewed", 4, t)]["metrics"]["gpu_coverage"] > by[("random", 4, t)]["metrics"]["gpu_coverage"]
+    summaries = _kinds(recs, kb.KIND_HYBRID_SUMMARY)
+    assert {(r["params"]["routing"], r["params"]["tokens"]) for r in summaries} == {
+        (rt, t) for rt in ("random", "skewed") for t in (1, sh.hybrid_prefill_tokens)}
+    for r in summaries:
+        m = r["metrics"]
+        assert r["params"]["gpu_kernel"] == "torch_grouped_mm_bf16" and r["params"]["cuda_graph"] is False
+        assert m["n_gpu_experts"] == [0, 4, 16] and m["n_points"] == 3 and m["checks_pass"] is True
+        assert isinstance(m["monotone_within_spread"], bool) and m["monotone_within_spread"] == (m["breaks"] == [])
+        assert m["points_with_gpu_work"] <= 2
+
+
+def test_monotone_within_spread_names_the_points_that_break_it():
+    def pt(n, med, lo, hi):
+        return {"n_gpu_experts": n, "latency_ms": med, "latency_ms_p10": lo, "latency_ms_p90": hi}
+
+    falling = [pt(0, 2.0, 1.9, 2.1), pt(8, 1.8, 1.7, 1.9), pt(256, 0.1, 0.09, 0.11)]
+    assert kb.monotone_within_spread(falling) == (True, [])
+    # a rise inside the spreads is not a break
+    assert kb.monotone_within_spread([pt(0, 2.0, 1.8, 2.2), pt(8, 2.1, 1.9, 2.3)])[0]
+    ok, breaks = kb.monotone_within_spread([pt(64, 1.5, 1.4, 1.6), pt(0, 2.0, 1.9, 2.1), pt(128, 1.9, 1.7, 2.0)])
+    assert not ok and [(b["from_n"], b["to_n"]) for b in breaks] == [(64, 128)]
+    assert breaks[0]["from_p90_ms"] == 1.6 and breaks[0]["to_p10_ms"] == 1.7
+    # a slow climb whose neighbours overlap still breaks between its ends
+    climb = [pt(0, 1.0, 0.9, 1.1), pt(8, 1.15, 1.05, 1.25), pt(16, 1.3, 1.2, 1.4)]
+    ok, breaks = kb.monotone_within_spread(climb)
+    assert not ok and [(b["from_n"], b["to_n"]) for b in breaks] == [(0, 16)]
 
 
 def test_random_q8_gguf_has_the_minimax_layout(tmp_path):
@@ -175,7 +228,29 @@ def test_cli_refuses_bad_combinations(tmp_path, capsys):
     assert main(["kernel-bench", "--out", out, "--llamacpp", "--hybrid"]) == 2
     assert main(["kernel-bench", "--out", out, "--hybrid", "--threads", "1,2", "--shape", "tiny"]) == 2
     assert "one CPU thread count" in capsys.readouterr().err
+    assert main(["kernel-bench", "--out", out, "--llamacpp", "--gpu-probe"]) == 2
+    assert main(["kernel-bench", "--out", out, "--hybrid", "--threads", "1", "--gpu-kernel", "cutlass"]) == 2
+    assert "auto, fused, grouped" in capsys.readouterr().err
+    assert main(["kernel-bench", "--out", out, "--hybrid", "--threads", "1", "--shape", "tiny", "--gpu-kernel", "fused"]) == 2
+    assert "env.sh" in capsys.readouterr().err  # no GPU here: refused before the child starts
     assert not Path(out).exists()
+
+
+def test_gpu_probe_writes_its_records(tmp_path):
+    out = tmp_path / "probe.jsonl"
+    probe = kb.probe_gpu_half(out, shape="tiny", gpu_experts=[4, 16], calls=2)
+    assert probe["gpu_kernel"] == "torch_grouped_mm_bf16" and probe["device"] == "cpu"
+    recs = results.load_records(out)
+    assert len(_kinds(recs, kb.KIND_GPU_CEILINGS)) == 1
+    rows = _kinds(recs, kb.KIND_GPU_PROBE)
+    assert {(r["params"]["n_gpu_experts"], r["params"]["tokens"]) for r in rows} == {(n, t) for n in (4, 16) for t in (1, 32)}
+    for r in rows:
+        assert r["params"]["gpu_kernel"] == "torch_grouped_mm_bf16"
+        m = r["metrics"]
+        assert m["rel_err"] < m["rel_err_limit"] and m["eager_ms"] > 0 and m["roofline_ms"] > 0
+        assert "graph_ms" not in m  # no CUDA here, no graph
+    with pytest.raises(UserError, match="1 to 16"):
+        kb.probe_gpu_half(None, shape="tiny", gpu_experts=[0])
 
 
 def test_child_failure_carries_the_log_tail(tmp_path):
@@ -188,7 +263,8 @@ def test_child_failure_carries_the_log_tail(tmp_path):
 
 
 def _committed(part: str) -> list[dict]:
-    files = sorted(RESULTS.glob(f"device-*-{part}.jsonl"))
+    # device-DATE-*: the first runs; gpu-host-DATE-*: runs through results/gpu-host.sh
+    files = sorted(RESULTS.glob(f"device-*-{part}.jsonl")) + sorted(RESULTS.glob(f"gpu-host-*-{part}.jsonl"))
     assert files, f"results/device-<date>-{part}.jsonl is missing: run the device benchmark (results/README.md)"
     return results.load_records(*files)
 
@@ -234,10 +310,20 @@ def test_committed_hybrid_records_cover_n_and_routing():
             for tokens in (1, 2048):
                 assert (routing, n, tokens) in seen
     for r in hyb:
-        assert r["metrics"]["rel_err"] < REL_ERR_MAX, r["params"]
-        assert r["metrics"]["latency_ms"] > 0
+        m = r["metrics"]
+        # records since the fused GPU half carry their kernel's limit (FP8 activations: 8e-2)
+        assert m["rel_err"] < m.get("rel_err_limit", REL_ERR_MAX), r["params"]
+        assert m["latency_ms"] > 0
         assert any(g in r["params"]["gpu"] for g in ("H100", "H200"))
-    (probe,) = _kinds(recs, kb.KIND_MASK_PROBE)
+        if "gpu_kernel" in r["params"]:
+            assert r["params"]["gpu_kernel"] in ("sglang_fused_moe_fp8", "torch_grouped_mm_bf16")
+            assert m["checks_pass"] and m["overlap_ratio"] and "cuda_graph" in r["params"]
+            assert r["params"]["n_gpu_experts"] == 0 or m["gpu_roofline_ms"] is not None
+    fused = [r for r in hyb if "gpu_kernel" in r["params"]]
+    if fused:  # every curve of a run since the fused GPU half has its summary
+        sums = {(r["params"]["routing"], r["params"]["tokens"]) for r in _kinds(recs, kb.KIND_HYBRID_SUMMARY)}
+        assert {(r["params"]["routing"], r["params"]["tokens"]) for r in fused} <= sums
+    (probe, *_) = _kinds(recs, kb.KIND_MASK_PROBE)
     assert probe["metrics"]["minus_one_ids_rel_err"] < REL_ERR_MAX
 
 

@@ -158,9 +158,19 @@ def test_context_that_cannot_fit_names_the_most_that_does():
 
 
 def test_mem_fraction_override_that_starves_prefill():
-    plan = make_plan(SPEC, machine(), Goals(context_tokens=16384, overrides={"mem-fraction-static": 0.97}))
+    # sglang's pool is min(what the fraction leaves, max-total-tokens): with a cap above what 0.97
+    # leaves, the pool takes the whole fraction and prefill is left 3% of the card.
+    plan = make_plan(SPEC, machine(), Goals(context_tokens=16384, overrides={"mem-fraction-static": 0.97,
+                                                                            "max-total-tokens": 500000}))
     assert not plan.fits
-    assert any(r.startswith("mem-fraction-static 0.97 leaves") and "lower it to 0." in r for r in plan.reasons)
+    assert any(r.startswith("mem-fraction-static 0.97 grows the KV pool to") and "lower it to 0." in r
+               for r in plan.reasons)
+    # The same fraction with the pool capped at the context leaves the rest free: it fits.
+    capped = make_plan(SPEC, machine(), Goals(context_tokens=16384, overrides={"mem-fraction-static": 0.97}))
+    assert capped.fits, capped.reasons
+    g = capped.memory["gpu"]
+    assert g["kv_pool_tokens"] == 16384
+    assert g["outside_static_gib"] == pytest.approx(32 - g["static_gib"], abs=0.01)
 
 
 def test_no_gpu_machine():

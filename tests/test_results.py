@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -104,6 +105,20 @@ def test_an_unknown_kind_or_a_missing_field_is_refused_with_the_fix():
         model.model_validate({**rec, "kind": "bench"})
 
 
+def test_the_kinds_other_modules_write_name_their_fields():
+    # A load record without its throughput is refused (report and plots read it), naming the field.
+    need = results.KINDS["load"]
+    params = {name: 1 for name in need.params}
+    metrics = {name: 1.0 for name in need.metrics}
+    assert results.make_record("load", params, metrics)["kind"] == "load"
+    with pytest.raises(RecordError, match=r"load record lacks metrics output_tok_s: pass it to make_record"):
+        results.make_record("load", params, {k: v for k, v in metrics.items() if k != "output_tok_s"})
+    # the kinds of load, tune, placement and the GPU half of kernel_bench name their fields too
+    for kind in ("hybrid_summary", "gpu_ceilings", "gpu_half_probe", "load", "tune_probe", "tune_result",
+                 "placement_share"):
+        assert results.KINDS[kind].params and results.KINDS[kind].metrics, kind
+
+
 def test_every_committed_record_has_a_known_kind_and_its_fields():
     from pathlib import Path
 
@@ -132,3 +147,18 @@ def test_scrub_drops_the_folders_of_traceback_paths_a_server_sent():
     body = 'Input should be \'user\'\n\n  File "/opt/site/sglang/srt/entrypoints/http_server.py", line 9'
     assert results.scrub(body).endswith('File ".../http_server.py", line 9')
     assert results.scrub('File \\"/tmp/sg') == 'File \\".../sg'  # cut short, as a detail field keeps it
+
+
+def test_a_commit_passed_by_the_sender_wins_over_the_local_git(monkeypatch):
+    """A GPU host's copy of .git can lag the tree beside it: the commit named in
+    KTUTORIAL_GIT_SHA is the one records carry; without it, the checkout's own HEAD."""
+    import subprocess
+
+    from ktutorial import results as res
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=str(Path(res.__file__).parent)).stdout.strip()
+    monkeypatch.delenv("KTUTORIAL_GIT_SHA", raising=False)
+    assert res._git()["git_sha"] == head
+    monkeypatch.setenv("KTUTORIAL_GIT_SHA", "0" * 40)
+    assert res._git() == {"git_sha": "0" * 40, "git_dirty": False}

@@ -59,7 +59,9 @@ PLANS = _plans()
 SERVE_OVERRIDES = {"--host": "127.0.0.1", "--port": 31234}
 EXTRA = {"enable-metrics": True, "log-level": "warning", "disable-radix-cache": True, "cuda-graph-max-bs": 2,
          "context-length": 65536, "max-prefill-tokens": 32768, "kt-expert-placement-strategy": "frequency",
-         "kt-max-deferred-experts-per-token": 2, "reasoning-parser": "minimax", "enable-mixed-chunk": True}
+         "kt-max-deferred-experts-per-token": 2, "reasoning-parser": "minimax", "enable-mixed-chunk": True,
+         "init-expert-location": "traffic.pt", "expert-distribution-recorder-mode": "stat",
+         "expert-distribution-recorder-buffer-size": -1, "record-kt-gpu-expert-distribution": True}
 
 
 def _rendered() -> dict[str, list[str]]:
@@ -133,6 +135,11 @@ def test_memory_override_replans_and_refuses_what_does_not_fit():
     ({"tensor-parallel-size": "two"}, "whole number"),
     ({"trust-remote-code": "maybe"}, "true or false"),
     ({"no-such-flag": 1}, "not a flag ktutorial emits"),
+    ({"kt-expert-placement-strategy": "frequency"}, "without --init-expert-location FILE.pt"),
+    ({"kt-expert-placement-strategy": "frequency", "init-expert-location": "traffic.json"}, "FILE.pt"),
+    ({"record-kt-gpu-expert-distribution": True}, "add --expert-distribution-recorder-mode stat"),
+    ({"expert-distribution-recorder-mode": "stat", "expert-distribution-recorder-buffer-size": 0}, "use -1"),
+    ({"expert-distribution-recorder-buffer-size": -2}, "must be at least -1"),
 ])
 def test_validate_refuses_what_fails_later(change, words):
     values = PLANS["planner 2 x RTX 5090 (32 GB) + 2 x EPYC 9355"].values()

@@ -54,6 +54,10 @@ class EngineAPI:
     def describe(self) -> dict[str, Any]:
         return {}
 
+    def max_running_requests(self) -> Optional[int]:
+        """How many requests the server runs at once (more wait in its queue), if it says."""
+        return None
+
     def _post(self, path: str, body: dict, timeout: float = 60) -> dict:
         for attempt in range(2):
             try:

@@ -55,6 +55,9 @@ class LlamaCppConfig:
     # The published comparison ran both ways (FACTS: 884 vs 82 tok/s prefill, 0.9 vs 25.7 decode).
     op_offload: bool = True
     parallel: int = 1  # one slot: single-request measurements, like the published ones
+    # One KV pool of ctx_size tokens shared by the slots, each slot up to all of it; without it
+    # llama.cpp splits ctx_size evenly, so `parallel` slots would each hold ctx_size / parallel.
+    kv_unified: bool = False
     # deepseek: <think> goes to reasoning_content; none: it stays inline in content.
     reasoning_format: str = "deepseek"
     binary: Optional[str] = None  # a llama-server the reader names; None: xllamacpp
@@ -69,6 +72,8 @@ class LlamaCppConfig:
             )
         if self.threads < 1:
             raise UserError(f"--threads must be at least 1, got {self.threads}")
+        if self.parallel < 1:
+            raise UserError(f"--parallel (slots: requests served at once) must be at least 1, got {self.parallel}")
         if self.ctx_size < 16:
             raise UserError(f"--ctx-size must be at least 16 tokens, got {self.ctx_size}")
         if self.n_cpu_moe is not None and self.n_cpu_moe < 0:
@@ -107,6 +112,8 @@ class LlamaCppConfig:
             "--jinja",
             "--reasoning-format", self.reasoning_format,
         ]  # fmt: skip
+        if self.kv_unified:
+            args.append("--kv-unified")
         if self.alias:
             args += ["--alias", self.alias]
         if self.n_gpu_layers is not None:
@@ -200,6 +207,9 @@ class LlamaCppAPI(EngineAPI):
             "server_model_file": model.rsplit("/", 1)[-1] or None,  # the file name, not its path
         }
 
+    def max_running_requests(self):
+        return self.props().get("total_slots")
+
     def complete(self, body: dict, timeout_s: float = 60) -> dict:
         """One unstreamed /completion: `body` is llama.cpp's own (prompt, n_predict, n_probs, ...)."""
         return self._post("/completion", body, timeout=timeout_s)
@@ -269,6 +279,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ctx-size", type=int, default=4096)
     p.add_argument("--parallel", type=int, default=1)
+    p.add_argument("--kv-unified", action="store_true")
     p.add_argument("--jinja", action="store_true")
     p.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="deepseek")
     p.add_argument("--alias")
@@ -295,6 +306,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         n_gpu_layers=args.n_gpu_layers,
         op_offload=not args.no_op_offload,
         parallel=args.parallel,
+        kv_unified=args.kv_unified,
         reasoning_format=args.reasoning_format,
     )
     try:
@@ -318,6 +330,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     params.cpuparams_batch.n_threads = config.threads
     params.n_ctx = config.ctx_size
     params.n_parallel = config.parallel
+    params.kv_unified = config.kv_unified
     params.use_jinja = bool(args.jinja)
     formats = xllamacpp.common_reasoning_format
     params.reasoning_format = {

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -122,6 +124,16 @@ FLAGS: dict[str, Flag] = {
     "kt-expert-placement-strategy": Flag("str", "which experts start on the GPU",
                                          choices=("uniform", "frequency", "front-loading", "random")),
     "enable-mixed-chunk": Flag("bool", "decode and prefill in the same batch"),
+    # The expert-distribution recorder (POST /start_, /stop_, /dump_expert_distribution_record)
+    # and the frequency placement that reads its counts back (ktutorial.placement).
+    "expert-distribution-recorder-mode": Flag("str", "stat: count each expert's activations per forward pass, "
+                                                     "dumped as logical_count [passes, layers, experts]",
+                                              choices=("stat", "per_pass", "per_token")),
+    "expert-distribution-recorder-buffer-size": Flag("int", "forward passes the recorder keeps: -1 keeps every "
+                                                            "one (unset, a ring of 1000 drops the oldest)", minimum=-1),
+    "record-kt-gpu-expert-distribution": Flag("bool", "the recorder also dumps each forward pass's GPU-expert masks"),
+    "init-expert-location": Flag("str", "with --kt-expert-placement-strategy frequency: the .pt of recorded counts "
+                                        "(logical_count) whose busiest experts go on the GPU"),
 }
 _ALIASES = {"model": "model-path", "tp-size": "tensor-parallel-size", "tp": "tensor-parallel-size"}
 # Flags whose override re-plans (render_command, plan.make_plan): derived, so it cannot drift from FLAGS.
@@ -297,6 +309,20 @@ def validate_settings(settings: dict[str, Any], spec: Any = None) -> dict[str, A
         threads = out.get("kt-cpuinfer")
         if threads is not None and threads < pools:
             problems.append(f"--kt-cpuinfer {threads} < --kt-threadpool-count {pools}: each pool needs a thread")
+    if out.get("expert-distribution-recorder-buffer-size") == 0:
+        problems.append("--expert-distribution-recorder-buffer-size 0: the recorder's ring would hold nothing "
+                        "(sglang fails on the first forward pass); use -1 to keep every pass")
+    if out.get("record-kt-gpu-expert-distribution") and not out.get("expert-distribution-recorder-mode"):
+        problems.append("--record-kt-gpu-expert-distribution without --expert-distribution-recorder-mode: sglang "
+                        "then records nothing; add --expert-distribution-recorder-mode stat")
+    if out.get("kt-expert-placement-strategy") == "frequency":
+        location = str(out.get("init-expert-location") or "")
+        if not location.endswith(".pt"):
+            # sglang-kt reads counts only from a path ending in .pt; otherwise it ranks all-equal
+            # counts and the GPU experts fall wherever torch.topk breaks the ties.
+            problems.append("--kt-expert-placement-strategy frequency without --init-expert-location FILE.pt: "
+                            "sglang-kt then has no counts and places arbitrarily; record some traffic "
+                            "(`ktutorial placement record`) and pass its .pt")
     if spec is not None:
         n = out.get("kt-num-gpu-experts")
         if n is not None and n > spec.num_experts:
@@ -380,19 +406,20 @@ def _args(name: str, value: Any) -> list[str]:
 
 
 def render_command(plan: Any, overrides: Optional[dict[str, Any]] = None, *, python: Optional[str] = None,
-                   expand_paths: bool = False) -> list[str]:
+                   expand_paths: bool = False, beyond_plan: bool = False) -> list[str]:
     """`python -m sglang.launch_server ...` for a Plan, validated.
 
     `overrides` (flag -> value; "--port" or "port") go on top; one that changes the memory
     arithmetic (experts, tokens, chunk, TP, ...) re-plans, and a re-plan that does not fit is
-    refused with its numbers. `python` defaults to this interpreter; `expand_paths` turns a
-    leading "~" into the home folder (for launching; leave it off for display).
+    refused with its numbers, unless `beyond_plan` (settings measured by `ktutorial tune`, or its
+    probes looking for where the real boundary lies). `python` defaults to this interpreter;
+    `expand_paths` turns a leading "~" into the home folder (for launching; leave it off for display).
     """
     overrides = {_flag_name(k): v for k, v in (overrides or {}).items()}
     memory = {k: v for k, v in overrides.items() if k in MEMORY_FLAGS}
     if memory:
         plan = plan.replan(memory)  # Plan's own method: this module does not import the planner
-        if not plan.fits:
+        if not plan.fits and not beyond_plan:
             raise SettingsError("the overrides do not fit: " + "; ".join(plan.reasons))
     values = {k: s.value for k, s in plan.settings.items()}
     values.update({k: v for k, v in overrides.items() if k not in memory})
@@ -503,13 +530,36 @@ def check_with_real_parser(commands: Sequence[Sequence[str]], python: Optional[s
     return json.loads(lines[-1])
 
 
+# ---- what the log says about memory -----------------------------------------------------------
+
+_WEIGHTS_BEGIN = re.compile(r"Load weight begin\. avail mem=(?P<gib>[0-9.]+) GB")
+_WEIGHTS_END = re.compile(r"Load weight end\..*?avail mem=(?P<gib>[0-9.]+) GB")
+
+
+def kv_room_from_log(log_text: str, mem_fraction_static: float, kv_bytes_per_token: float) -> Optional[int]:
+    """Tokens of KV pool the static fraction had room for, before any --max-total-tokens cap
+    (negative: that many short), from the free memory the log reports around the weights.
+
+    sglang-kt 0.7.2 sizes the pool as free-after-weights - free-at-start x (1 - fraction)
+    (model_runner_kv_cache_mixin.profile_max_num_token), and logs both free figures in GiB with
+    two decimals ("Load weight begin/end. ... avail mem=X GB"), so this is good to about 10 MiB.
+    None when the log lacks either line (the load did not get that far).
+    """
+    begin, end = _WEIGHTS_BEGIN.search(log_text or ""), _WEIGHTS_END.search(log_text or "")
+    if not begin or not end or not kv_bytes_per_token:
+        return None
+    room_gib = float(end["gib"]) - float(begin["gib"]) * (1 - float(mem_fraction_static))
+    return math.floor(room_gib * 2**30 / kv_bytes_per_token)
+
+
 # ---- the wire: SGLang's native routes, for the bench ------------------------------------------
 
 
 
 
 class SGLangAPI(EngineAPI):
-    """SGLang's native routes: /tokenize, /server_info, /flush_cache and the streamed /generate."""
+    """SGLang's native routes: /tokenize, /server_info, /flush_cache, the streamed /generate and
+    the expert-distribution recorder (start, stop, dump)."""
 
     name = "sglang-kt"
     route = "/generate"
@@ -556,12 +606,21 @@ class SGLangAPI(EngineAPI):
                     break
             except (httpx.HTTPError, ValueError):
                 continue
+        # max_total_tokens is the flag (a cap); max_total_num_tokens and max_req_input_len are what the
+        # scheduler allocated and accepts (its scheduler_info, merged into /server_info).
         keep = ("version", "chunked_prefill_size", "tp_size", "max_total_tokens", "attention_backend",
                 "mem_fraction_static", "disable_radix_cache", "max_running_requests", "context_length",
-                "reasoning_parser", "tool_call_parser")
+                "reasoning_parser", "tool_call_parser", "max_total_num_tokens", "max_req_input_len")
         # every kt_* setting the engine actually runs with (the launch flags are what we asked for)
         kt = sorted(k for k in info if k.startswith("kt_") and k != "kt_weight_path")
         out = {f"server_{k}": info.get(k) for k in (*keep, *kt) if k in info}
+        # max_running_requests is the launch flag (null when left to SGLang); the scheduler's own
+        # figure, sized from the KV pool when the flag is unset, is in its internal state.
+        states = info.get("internal_states")
+        first = states[0] if isinstance(states, list) and states and isinstance(states[0], dict) else {}
+        effective = first.get("effective_max_running_requests_per_dp")  # per data-parallel rank: ktutorial runs one
+        if effective is not None:
+            out["server_effective_max_running_requests"] = effective
         if info.get("model_path"):  # the layer count (the server runs here: its folder is readable)
             try:
                 cfg = json.loads((Path(info["model_path"]).expanduser() / "config.json").read_text())
@@ -569,6 +628,59 @@ class SGLangAPI(EngineAPI):
             except (OSError, ValueError):
                 pass
         return out
+
+    # -- the expert-distribution recorder (a server launched with --expert-distribution-recorder-mode)
+
+    def server_info(self) -> dict:
+        """/server_info: every server argument the engine runs with."""
+        r = self.http.get(self.base_url + "/server_info", timeout=30)
+        if r.status_code != 200:
+            raise UserError(f"/server_info on {self.base_url} answered HTTP {r.status_code}: {r.text[:200]}")
+        return r.json()
+
+    def recorder_settings(self) -> dict:
+        """The recorder and placement settings the server runs with; refuses a server whose
+        recorder is off (sglang's scheduler raises on /start_expert_distribution_record then)."""
+        info = self.server_info()
+        keys = ("expert_distribution_recorder_mode", "expert_distribution_recorder_buffer_size",
+                "record_kt_gpu_expert_distribution", "kt_expert_placement_strategy", "kt_num_gpu_experts",
+                "kt_enable_dynamic_expert_update", "kt_gpu_prefill_token_threshold", "init_expert_location")
+        settings = {k: info.get(k) for k in keys}
+        mode = settings["expert_distribution_recorder_mode"]
+        if mode != "stat":
+            raise UserError(
+                f"the server at {self.base_url} runs with --expert-distribution-recorder-mode {mode}: relaunch it with "
+                "--expert-distribution-recorder-mode stat --expert-distribution-recorder-buffer-size -1 "
+                "(`ktutorial serve --set expert-distribution-recorder-mode=stat --set "
+                "expert-distribution-recorder-buffer-size=-1`) to count expert activations")
+        return settings
+
+    def _recorder(self, action: str) -> None:
+        route = f"/{action}_expert_distribution_record"
+        try:
+            # dump answers once the scheduler has written the file
+            r = self.http.post(self.base_url + route, timeout=300)
+        except httpx.HTTPError as exc:
+            raise UserError(f"{route} on {self.base_url} failed: {exc}") from exc
+        if r.status_code != 200:
+            raise UserError(f"{route} on {self.base_url} answered HTTP {r.status_code}: {r.text[:300]}")
+
+    def start_expert_record(self) -> None:
+        """Clear the recorder and start counting expert activations."""
+        self._recorder("start")
+
+    def stop_expert_record(self) -> None:
+        self._recorder("stop")
+
+    def dump_expert_record(self) -> None:
+        """Write what was counted into the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR
+        (expert_distribution_recorder_<time>.pt, and gpu_expert_distribution_<time>.pt with
+        --record-kt-gpu-expert-distribution), then clear the recorder."""
+        self._recorder("dump")
+
+    def max_running_requests(self):
+        got = self.describe()
+        return got.get("server_effective_max_running_requests") or got.get("server_max_running_requests")
 
     def before_request(self):
         # The flush is refused while requests run; one request at a time means it succeeds,
@@ -592,6 +704,12 @@ class SGLangAPI(EngineAPI):
         for t, chunk in self._sse("/generate", body, timeout_s):
             last = t
             meta = chunk.get("meta_info") or {}
+            finish = meta.get("finish_reason")
+            if isinstance(finish, dict) and finish.get("type") == "abort":
+                # The scheduler refuses a prompt longer than its KV pool or context this way, in a
+                # 200 stream (scheduler.py validate_input_length -> set_finish_with_abort).
+                raise UserError(f"{self.base_url}/generate: the server aborted the request "
+                                f"(HTTP {finish.get('status_code')}): {finish.get('message')}")
             done = meta.get("completion_tokens")
             if done is None:  # count output ids if meta_info is missing
                 done = len(times) + max(1, len(chunk.get("output_ids") or []))
