@@ -1140,21 +1140,9 @@ def placement_compare(
         for strategy, command in shown["commands"].items():
             console.print(f"[bold]{strategy}[/]: {command}", highlight=False, soft_wrap=True)
         return
-    table = Table(title=f"Expert activations on GPU experts, held-out prompts ({shown['gpu_experts_per_layer']} "
-                        f"GPU experts a layer, {shown['profile']})")
-    for col in ("placement", "share", "decode", "prefill", "predicted", "GPU experts by layer", "decode tok/s"):
-        table.add_column(col)
-
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.1f}%"
-
-    for r in shown["rows"]:
-        table.add_row(r["strategy"], pct(r["share"]), pct(r["decode_share"]), pct(r["prefill_share"]),
-                      pct(r["predicted_share"]), " ".join(map(str, r["gpu_experts_by_layer"])),
-                      "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}")
-    console.print(table)
-    console.print(f"recorded minus uniform: {100 * shown['gain']:+.1f} points"
-                  + (f"; records: {out}" if out else ""), highlight=False)
+    console.print(placement.comparison_table(shown))
+    if out:
+        console.print(f"records: {out}", highlight=False)
 
 
 # ==== end section: inside kt ================================================================

@@ -38,14 +38,13 @@ from urllib.parse import urlparse
 
 import httpx
 import numpy as np
-from rich.table import Table
 
 from ktutorial import results
 from ktutorial.bench import PromptBuilder
 from ktutorial.engines.adapters import adapter_for
 from ktutorial.engines.http import EngineAPI, served_model
 from ktutorial.errors import UserError
-from ktutorial.tables import fmt, markdown_table
+from ktutorial.tables import Markdown, ShowsItself, fmt, markdown_table
 
 KIND = "load"
 LATENCIES = ("ttft_s", "itl_s", "tpot_s", "e2e_s")
@@ -295,7 +294,7 @@ def run_level(
 
 
 @dataclass
-class LoadRun:
+class LoadRun(ShowsItself):
     """The `load` records of one run; shows itself as the percentile table (notebook and CLI)."""
 
     records: list[dict[str, Any]]
@@ -304,37 +303,18 @@ class LoadRun:
     def warnings(self) -> list[str]:
         return [r["metrics"]["warning"] for r in self.records if r["metrics"].get("warning")]
 
-    def _repr_markdown_(self) -> str:
-        return load_table(self.records)
-
-    def __rich__(self) -> Table:
-        """One column a level, one row a figure: narrow enough for a terminal."""
-        loads = [r for r in self.records if r["kind"] == KIND]
-        first = loads[0]["params"] if loads else {}
-        table = Table(title=f"{first.get('config', '')}: {first.get('input_len')} tokens in, "
-                            f"{first.get('output_len')} out")
-        table.add_column("concurrency")
-        for r in loads:
-            table.add_column(f"{r['params']['concurrency']}{' *' if r['metrics'].get('queued_in_server') else ''}",
-                             justify="right")
-        rates = {r["params"].get("request_rate_req_s") for r in loads}
-        rows: list[tuple[str, Callable[[dict], str]]] = [
-            ("done / sent", lambda r: f"{r['metrics']['completed']} / {r['params']['num_requests']}"),
-            *([("rate req/s", lambda r: fmt(r["params"]["request_rate_req_s"]))] if rates != {None} else []),
-            ("req/s", lambda r: fmt(r["metrics"]["request_throughput_req_s"])),
-            ("output tok/s", lambda r: fmt(r["metrics"]["output_tok_s"])),
-        ]
-        for name, label in (("ttft_s", "TTFT"), ("itl_s", "ITL"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")):
-            for pct in PERCENTILES:
-                value = (lambda n: lambda r: fmt(None if r["metrics"][n] is None else r["metrics"][n] * 1000))(
-                    f"{name}_p{pct}")
-                rows.append((f"{label} p{pct} ms", value))
-        rows.append(("server runs at once", lambda r: str(r["metrics"].get("server_max_running_requests") or "-")))
-        for label, cell in rows:
-            table.add_row(label, *(cell(r) for r in loads))
-        if any(r["metrics"].get("queued_in_server") for r in loads):
-            table.caption = "* more than the server runs at once: the rest waited in its queue"
-        return table
+    def markdown(self) -> Markdown:
+        """The report's table turned on its side, one column a level: narrow enough for a terminal."""
+        headers, rows = summary_rows(self.records)
+        if not rows:
+            return Markdown("(no load records)")
+        by_level = markdown_table(["concurrency", *(row[headers.index("concurrency")] for row in rows)],
+                                  ([h, *(row[i] for row in rows)] for i, h in enumerate(headers) if h != "concurrency"))
+        notes = ["Latencies in ms: p50 / p90 / p99 over the level's requests."]
+        if any(r["metrics"].get("queued_in_server") for r in self.records):
+            notes.append("(queued): the level sends more requests at once than the server runs at once; the rest "
+                         "waited in its queue, and the wait counts in their TTFT and E2E.")
+        return Markdown(by_level + "\n\n" + "\n\n".join(notes))
 
 
 def measure_load(
@@ -458,10 +438,10 @@ def summary_rows(records: Sequence[dict]) -> tuple[list[str], list[list[Any]]]:
     return headers, rows
 
 
-def load_table(records: Sequence[dict]) -> str:
+def load_table(records: Sequence[dict]) -> Markdown:
     """The markdown table of `load` records (latencies p50 / p90 / p99 in ms); "" without any."""
     headers, rows = summary_rows(records)
-    return markdown_table(headers, rows) if rows else ""
+    return markdown_table(headers, rows) if rows else Markdown("")
 
 
 __all__ = [

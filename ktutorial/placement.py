@@ -46,6 +46,7 @@ from ktutorial import client, hybrid, paths, results, server
 from ktutorial.engines.sglang_kt import SGLangAPI, parse_command
 from ktutorial.errors import MissingDependency, UserError
 from ktutorial.profiles import Profile, load_profile
+from ktutorial.tables import Markdown, join, table
 
 RECORDER_DIR_ENV = "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR"
 SGLANG_DEFAULT_RECORDER_DIR = "/tmp"  # sglang/srt/environ.py's default for the variable
@@ -710,6 +711,21 @@ def comparison_json(info: dict[str, Any]) -> dict[str, Any]:
         for r in info.get("rows", [])
     ]
     return out
+
+
+def comparison_table(shown: dict[str, Any]) -> Markdown:
+    """comparison_json()'s rows as a table: the share of expert activations on GPU experts for each
+    placement on the held-out prompts, and what recorded placement gains over uniform."""
+    def pct(v: Optional[float]) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    rows = [{"placement": r["strategy"], "share": pct(r["share"]), "decode": pct(r["decode_share"]),
+             "prefill": pct(r["prefill_share"]), "predicted": pct(r["predicted_share"]),
+             "GPU experts by layer": " ".join(map(str, r["gpu_experts_by_layer"])),
+             "decode tok/s": "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"} for r in shown["rows"]]
+    return join(f"Expert activations on GPU experts, held-out prompts ({shown['gpu_experts_per_layer']} GPU experts "
+                f"a layer, {shown['profile']})", table(rows),
+                f"recorded minus uniform: {100 * shown['gain']:+.1f} points")
 
 
 # ---- the same counts without a GPU: the tiny model's own router -----------------------------------

@@ -54,9 +54,7 @@ from typing import Any, Callable, Optional
 
 import httpx
 import yaml
-from rich.console import Group
 from rich.markup import escape
-from rich.table import Table
 
 from ktutorial import bench, results, server
 from ktutorial.doctor import parse_sets
@@ -65,6 +63,7 @@ from ktutorial.engines.adapters import adapter_for
 from ktutorial.errors import UserError
 from ktutorial.plan import Plan, gpu_expert_bytes_per_gpu
 from ktutorial.profiles import Profile, load_profile
+from ktutorial.tables import Markdown, ShowsItself, join, table
 
 EXPERTS = "kt-num-gpu-experts"
 CHUNK = "chunked-prefill-size"
@@ -635,7 +634,7 @@ def make_tune_plan(profile: Profile | str, sets: Optional[list[str]] = None, *, 
 
 
 @dataclass
-class TuneRun:
+class TuneRun(ShowsItself):
     """A finished tune: the boundary, the value one past it and why it failed, every probe."""
 
     tune_plan: TunePlan
@@ -689,14 +688,13 @@ class TuneRun:
                                 "wall_s": round(st.result.wall_s, 1), "diagnosis": st.result.diagnosis,
                                 "boundary_hint": st.result.boundary_hint} for ph, s, st in self.steps]}
 
-    def __rich__(self):
+    def markdown(self) -> Markdown:
+        """Every probe in order (why it ran, what happened), then the boundary and what fails past it."""
         title = f"tune {self.tune_plan.profile.name}: {len(self.steps)} probes, {self.launches} launched now"
-        table = Table("#", EXPERTS, CHUNK, "why", "outcome", "s", "diagnosis", title=title)
-        for i, (_ph, settings, step) in enumerate(self.steps, 1):
-            color = "green" if step.result.ok else "red"
-            table.add_row(str(i), str(settings[EXPERTS]), str(settings[CHUNK]), step.reason,
-                          f"[{color}]{step.result.outcome}[/]", f"{step.result.wall_s:.0f}",
-                          step.result.diagnosis[:200])
+        rows = [{"#": i, EXPERTS: settings[EXPERTS], CHUNK: settings[CHUNK], "why": step.reason,
+                 "outcome": step.result.outcome if step.result.ok else f"**{step.result.outcome}**",
+                 "s": f"{step.result.wall_s:.0f}", "diagnosis": step.result.diagnosis[:200]}
+                for i, (_ph, settings, step) in enumerate(self.steps, 1)]
         m = self.metrics()
         if self.boundary is None:
             summary = (f"no {EXPERTS} in [{self.tune_plan.lo}, {self.tune_plan.hi}] passed: {self.first_failing} "
@@ -708,10 +706,10 @@ class TuneRun:
             predicted = self.tune_plan.predicted_boundary
             if predicted is not None:
                 summary += f"; the planner predicted {predicted} ({m['planner_error_experts']:+d})"
-            summary += f"\n{CHUNK}: {self.chunk}"
+            summary += f"\n\n{CHUNK}: {self.chunk}"
             if self.chunk_first_failing is not None:
                 summary += f"; {self.chunk_first_failing} fails ({m['chunk_first_failing_outcome']})"
-        return Group(table, summary)
+        return join(f"**{title}**", table(rows), summary)
 
 
 def run_tune(tune_plan: TunePlan, probe: Optional[Callable[[dict[str, Any]], ProbeResult]] = None, *,

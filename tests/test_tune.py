@@ -162,6 +162,10 @@ def test_tune_records_every_probe_and_the_result(synth_profile, tmp_path):
     assert m["planner_predicted_boundary"] == 128 and m["planner_error_experts"] == 7
     assert m["settings"][tune.EXPERTS] == 135 and m["settings"][tune.FRACTION] == pytest.approx(0.0475, abs=5e-4)
     assert m["probes"] == len(run.steps)
+    shown = run._repr_markdown_()  # one markdown text: a notebook renders it, the CLI prints it through rich
+    assert f"| # | {tune.EXPERTS} | {tune.CHUNK} | why | outcome |" in shown
+    assert "| 136 | 32768 |" in shown and "**launch_failed**" in shown
+    assert f"boundary: {tune.EXPERTS} 135; 136 fails (launch_failed); the planner predicted 128 (+7)" in shown
 
 
 def test_resume_reuses_recorded_probes_and_an_interrupted_tune_loses_nothing(synth_profile, tmp_path):
