@@ -191,24 +191,31 @@ def server_settings(base_url: str, engine: Optional[str] = None) -> dict[str, An
         return {"engine": api.name, **api.describe()}
 
 
-def parse_lens(text: str) -> list[int]:
-    """"2048,8192,32768" (or "2k,8k,32k") -> [2048, 8192, 32768]."""
+def parse_counts(text: str | int | Sequence[int], what: str, example: str, k_suffix: bool = False) -> list[int]:
+    """"2,4,8" (or a list) -> [2, 4, 8]: whole numbers of at least 1, each named `what` in the error,
+    which shows `example`; with `k_suffix`, "8k" is 8192."""
+    parts = [str(p) for p in text] if isinstance(text, (list, tuple)) else str(text).split(",")
     out = []
-    for part in str(text).split(","):
+    for part in parts:
         part = part.strip().lower()
         if not part:
             continue
-        mult = 1024 if part.endswith("k") else 1
+        mult = 1024 if k_suffix and part.endswith("k") else 1
         try:
             value = int(part[:-1] if mult > 1 else part) * mult
         except ValueError:
-            raise UserError(f"input length {part!r} is not a whole number (e.g. 2048,8192,32768)") from None
+            raise UserError(f"{what} {part!r} is not a whole number (e.g. {example})") from None
         if value < 1:
-            raise UserError(f"input length must be positive, got {part!r}")
+            raise UserError(f"{what} must be at least 1, got {part!r} (e.g. {example})")
         out.append(value)
     if not out:
-        raise UserError("give at least one input length, e.g. --input-lens 2048,8192,32768")
+        raise UserError(f"give at least one {what}, e.g. {example}")
     return out
+
+
+def parse_lens(text: str) -> list[int]:
+    """"2048,8192,32768" (or "2k,8k,32k") -> [2048, 8192, 32768]."""
+    return parse_counts(text, "input length", "--input-lens 2048,8192,32768", k_suffix=True)
 
 
 def request_metrics(length: int, timing: RequestTiming) -> dict[str, Any]:

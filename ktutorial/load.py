@@ -40,7 +40,7 @@ import httpx
 import numpy as np
 
 from ktutorial import results
-from ktutorial.bench import PromptBuilder
+from ktutorial.bench import PromptBuilder, parse_counts
 from ktutorial.engines.adapters import adapter_for
 from ktutorial.engines.http import EngineAPI, served_model
 from ktutorial.errors import UserError
@@ -66,23 +66,8 @@ CACHE_DEFEAT = {
 
 
 def parse_concurrency(text: str | int | Sequence[int]) -> list[int]:
-    """"1,2,4,8" -> [1, 2, 4, 8]; each level a whole number of at least 1."""
-    parts = [str(p) for p in text] if isinstance(text, (list, tuple)) else str(text).split(",")
-    levels = []
-    for part in parts:
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            value = int(part)
-        except ValueError:
-            raise UserError(f"concurrency {part!r} is not a whole number (e.g. --concurrency 1,2,4,8)") from None
-        if value < 1:
-            raise UserError(f"concurrency must be at least 1 request in flight, got {value} (e.g. --concurrency 1,2,4,8)")
-        levels.append(value)
-    if not levels:
-        raise UserError("give at least one concurrency level, e.g. --concurrency 1,2,4,8")
-    return levels
+    """"1,2,4,8" -> [1, 2, 4, 8]; each level a whole number of at least 1 request in flight."""
+    return parse_counts(text, "concurrency level", "--concurrency 1,2,4,8")
 
 
 def parse_request_rate(value: str | float | None) -> float:

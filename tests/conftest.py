@@ -26,3 +26,13 @@ def tiny_model(_ktutorial_home):
     from ktutorial import tiny
 
     return tiny.ensure(seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model):
+    """llama.cpp serving the tiny model, one per test module that uses it, stopped after the module."""
+    from ktutorial import server
+
+    with server.serve("tiny", threads=1) as srv:
+        yield srv
+    assert not srv.is_alive()

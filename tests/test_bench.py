@@ -10,7 +10,7 @@ import statistics
 import httpx
 import pytest
 
-from ktutorial import bench, results, server
+from ktutorial import bench, results
 from ktutorial.cli import main as _main
 from ktutorial.engines import llamacpp
 from ktutorial.errors import UserError
@@ -25,13 +25,6 @@ def main(argv: list[str]) -> int:
         return _main(argv)
     except SystemExit as exc:  # typer's standalone mode exits instead of returning
         return int(exc.code or 0)
-
-
-@pytest.fixture(scope="module")
-def tiny_server(tiny_model):
-    with server.serve("tiny", threads=1) as srv:
-        yield srv
-    assert not srv.is_alive()
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,6 @@ OUTPUT_LEN = 16
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tiny_model):
-    with server.serve("tiny", threads=1) as srv:
-        yield srv
-    assert not srv.is_alive()
-
-
-@pytest.fixture(scope="module")
 def loaded(tiny_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("load") / "load.jsonl"
     run = load.measure_load(tiny_server.base_url, concurrency=LEVELS, input_len=INPUT_LEN, output_len=OUTPUT_LEN,

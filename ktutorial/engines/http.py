@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import httpx
 
@@ -73,6 +73,20 @@ class EngineAPI:
         if r.status_code != 200:
             raise UserError(f"{path} on {self.base_url} answered HTTP {r.status_code}: {r.text[:300]}")
         return r.json()
+
+    def _token_times(self, path: str, body: dict, timeout_s: float,
+                     tokens_after: Callable[[dict, int], int]) -> tuple[list[float], float, dict]:
+        """Stream `path` and give each output token the time its chunk arrived: (token times, time
+        of the last chunk, the last chunk). `tokens_after(chunk, so_far)` is the engine's count of
+        output tokens once the chunk has arrived (a chunk may carry several tokens, or none)."""
+        times: list[float] = []
+        last_s, last = None, {}
+        for t, chunk in self._sse(path, body, timeout_s):
+            last_s, last = t, chunk
+            times.extend([t] * max(0, int(tokens_after(chunk, len(times))) - len(times)))
+        if not times or last_s is None:
+            raise UserError(f"{self.base_url}{path} streamed no tokens")
+        return times, last_s, last
 
     def _sse(self, path: str, body: dict, timeout_s: float) -> Iterator[tuple[float, dict]]:
         """(seconds since the request was sent, chunk) for each `data:` line of an SSE reply."""

@@ -224,21 +224,8 @@ class LlamaCppAPI(EngineAPI):
             "stream": True,
             "return_tokens": True,
         }
-        times: list[float] = []
-        last = None
-        final: dict = {}
-        for t, chunk in self._sse("/completion", body, timeout_s):
-            last = t
-            # tokens_predicted is cumulative; the per-chunk `tokens` list is not a count: llama.cpp
-            # holds back a chunk that ends inside a UTF-8 character and sends it with the next.
-            done = chunk.get("tokens_predicted")
-            if done is None:
-                done = len(times) + len(chunk.get("tokens") or [])
-            times.extend([t] * max(0, int(done) - len(times)))
-            if chunk.get("stop"):
-                final = chunk
-        if not times or last is None:
-            raise UserError(f"{self.base_url}/completion streamed no tokens")
+        times, last, final = self._token_times("/completion", body, timeout_s, _tokens_after)
+        final = final if final.get("stop") else {}  # the closing chunk carries the server's timings
         timings = final.get("timings") or {}
         server: dict[str, Any] = {
             "prompt_tokens": (timings.get("prompt_n") or 0) + (timings.get("cache_n") or 0) if timings else None,
@@ -263,6 +250,13 @@ class LlamaCppAPI(EngineAPI):
             if prompt_ms:
                 server["prefill_tok_s"] = timings.get("prompt_n", 0) / (prompt_ms / 1000)
         return RequestTiming(times[0], last, len(times), times, server)
+
+
+def _tokens_after(chunk: dict, so_far: int) -> int:
+    # tokens_predicted is cumulative; the per-chunk `tokens` list is not a count: llama.cpp holds
+    # back a chunk that ends inside a UTF-8 character and sends it with the next.
+    done = chunk.get("tokens_predicted")
+    return so_far + len(chunk.get("tokens") or []) if done is None else int(done)
 
 
 # ---- the child process: `python -m ktutorial.engines.llamacpp` ---------------------------------

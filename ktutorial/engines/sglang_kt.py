@@ -568,6 +568,7 @@ class SGLangAPI(EngineAPI):
         super().__init__(base_url, client)
         self.tokenizer_path = tokenizer_path
         self._local_tokenizer = None
+        self._info: Optional[dict] = None
 
     @staticmethod
     def serves(base_url: str, http) -> bool:
@@ -596,16 +597,28 @@ class SGLangAPI(EngineAPI):
         except (httpx.HTTPError, ValueError):
             return None
 
-    def describe(self):
-        info: dict = {}
+    def server_info(self) -> dict:
+        """/server_info: every server argument the engine runs with, and its scheduler's state;
+        read once (neither changes while the server runs), as llama.cpp's /props is."""
+        if self._info is not None:
+            return self._info
+        problem = ""
         for route in ("/server_info", "/get_server_info"):  # the second is older SGLang's name
             try:
                 r = self.http.get(self.base_url + route, timeout=30)
                 if r.status_code == 200:
-                    info = r.json()
-                    break
-            except (httpx.HTTPError, ValueError):
-                continue
+                    self._info = r.json()
+                    return self._info
+                problem = f"answered HTTP {r.status_code}: {r.text[:200]}"
+            except (httpx.HTTPError, ValueError) as exc:
+                problem = f"failed: {exc}"
+        raise UserError(f"/server_info on {self.base_url} {problem}")
+
+    def describe(self):
+        try:
+            info = self.server_info()
+        except UserError:  # a record's environment goes without the server's settings
+            info = {}
         # max_total_tokens is the flag (a cap); max_total_num_tokens and max_req_input_len are what the
         # scheduler allocated and accepts (its scheduler_info, merged into /server_info).
         keep = ("version", "chunked_prefill_size", "tp_size", "max_total_tokens", "attention_backend",
@@ -630,13 +643,6 @@ class SGLangAPI(EngineAPI):
         return out
 
     # -- the expert-distribution recorder (a server launched with --expert-distribution-recorder-mode)
-
-    def server_info(self) -> dict:
-        """/server_info: every server argument the engine runs with."""
-        r = self.http.get(self.base_url + "/server_info", timeout=30)
-        if r.status_code != 200:
-            raise UserError(f"/server_info on {self.base_url} answered HTTP {r.status_code}: {r.text[:200]}")
-        return r.json()
 
     def recorder_settings(self) -> dict:
         """The recorder and placement settings the server runs with; refuses a server whose
@@ -698,11 +704,7 @@ class SGLangAPI(EngineAPI):
             "sampling_params": {"max_new_tokens": output_len, "ignore_eos": True, "temperature": 0},
             "stream": True,
         }
-        times: list[float] = []
-        last = None
-        meta: dict = {}
-        for t, chunk in self._sse("/generate", body, timeout_s):
-            last = t
+        def tokens_after(chunk: dict, so_far: int) -> int:
             meta = chunk.get("meta_info") or {}
             finish = meta.get("finish_reason")
             if isinstance(finish, dict) and finish.get("type") == "abort":
@@ -711,11 +713,11 @@ class SGLangAPI(EngineAPI):
                 raise UserError(f"{self.base_url}/generate: the server aborted the request "
                                 f"(HTTP {finish.get('status_code')}): {finish.get('message')}")
             done = meta.get("completion_tokens")
-            if done is None:  # count output ids if meta_info is missing
-                done = len(times) + max(1, len(chunk.get("output_ids") or []))
-            times.extend([t] * max(0, int(done) - len(times)))
-        if not times or last is None:
-            raise UserError(f"{self.base_url}/generate streamed no tokens")
+            # count output ids if meta_info is missing
+            return so_far + max(1, len(chunk.get("output_ids") or [])) if done is None else int(done)
+
+        times, last, final = self._token_times("/generate", body, timeout_s, tokens_after)
+        meta = final.get("meta_info") or {}
         server = {
             "prompt_tokens": meta.get("prompt_tokens"),
             "cached_tokens": meta.get("cached_tokens"),
