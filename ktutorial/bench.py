@@ -218,6 +218,27 @@ def parse_lens(text: str) -> list[int]:
     return parse_counts(text, "input length", "--input-lens 2048,8192,32768", k_suffix=True)
 
 
+def connect(client: httpx.Client, base_url: str, input_len: int, output_len: int, *, engine: Optional[str] = None,
+            model: Optional[str] = None, model_revision: Optional[str] = None,
+            tokenizer_path: Optional[str] = None) -> tuple[EngineAPI, Optional[str], dict[str, Any]]:
+    """The engine adapter for the server at `base_url`, the model it serves, and the environment
+    stamp its records carry (with what the server says of itself); refuses a request of
+    `input_len` + `output_len` tokens that the server's context cannot hold."""
+    api = adapter_for(base_url, engine, client, tokenizer_path)
+    model = model or served_model(base_url, client)
+    ctx = api.context_tokens()
+    if ctx and input_len + output_len > ctx:
+        raise UserError(f"{input_len} input + {output_len} output tokens exceed the server's context of {ctx} tokens: "
+                        "start the server with a larger context or lower --input-lens/--output-len")
+    host = urlparse(base_url).hostname or ""
+    env = results.environment_stamp(
+        engine=api.name, model=model, model_revision=model_revision,
+        # The stamp describes this machine; it describes the server only if it runs here.
+        extra={"server_is_local": host in ("127.0.0.1", "localhost", "::1"), **api.describe()},
+    )  # fmt: skip
+    return api, model, env
+
+
 def request_metrics(length: int, timing: RequestTiming) -> dict[str, Any]:
     """Client figures by the stated method, the server's beside them, and their differences."""
     decode_s = timing.e2e_s - timing.ttft_s
@@ -287,25 +308,8 @@ def measure(
     if not lens or min(lens) < 1:
         raise UserError(f"input lengths must be positive token counts, got {list(input_lens)}")
     with httpx.Client() as client:
-        api = adapter_for(base_url, engine, client, tokenizer_path)
-        model = model or served_model(base_url, client)
-        ctx = api.context_tokens()
-        if ctx and max(lens) + output_len > ctx:
-            raise UserError(
-                f"{max(lens)} input + {output_len} output tokens exceed the server's context of {ctx} "
-                "tokens: start the server with a larger context or lower --input-lens/--output-len"
-            )
-        host = urlparse(base_url).hostname or ""
-        env = results.environment_stamp(
-            engine=api.name,
-            model=model,
-            model_revision=model_revision,
-            extra={
-                # The stamp describes this machine; it describes the server only if it runs here.
-                "server_is_local": host in ("127.0.0.1", "localhost", "::1"),
-                **api.describe(),
-            },
-        )
+        api, model, env = connect(client, base_url, max(lens), output_len, engine=engine, model=model,
+                                  model_revision=model_revision, tokenizer_path=tokenizer_path)
         prompts = PromptBuilder(api)
         base_params = {
             "output_len": output_len,

@@ -34,15 +34,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
-from urllib.parse import urlparse
 
 import httpx
 import numpy as np
 
 from ktutorial import results
-from ktutorial.bench import PromptBuilder, parse_counts
+from ktutorial.bench import PromptBuilder, connect, parse_counts
 from ktutorial.engines.adapters import adapter_for
-from ktutorial.engines.http import EngineAPI, served_model
+from ktutorial.engines.http import EngineAPI
 from ktutorial.errors import UserError
 from ktutorial.tables import Markdown, ShowsItself, fmt, markdown_table
 
@@ -337,19 +336,9 @@ def measure_load(
     if warmup < 0:
         raise UserError(f"--warmup must be 0 or more, got {warmup}")
     with httpx.Client() as client:
-        api = adapter_for(base_url, engine, client, tokenizer_path)
-        model = model or served_model(base_url, client)
-        ctx = api.context_tokens()
-        if ctx and input_len + output_len > ctx:
-            raise UserError(f"{input_len} input + {output_len} output tokens exceed the server's context of {ctx} tokens: "
-                            "start the server with a larger context or lower --input-lens/--output-len")
-        described = api.describe()
+        api, model, env = connect(client, base_url, input_len, output_len, engine=engine, model=model,
+                                  model_revision=model_revision, tokenizer_path=tokenizer_path)
         server_limit = api.max_running_requests()
-        host = urlparse(base_url).hostname or ""
-        env = results.environment_stamp(
-            engine=api.name, model=model, model_revision=model_revision,
-            extra={"server_is_local": host in ("127.0.0.1", "localhost", "::1"), **described},
-        )  # fmt: skip
         builder = PromptBuilder(api)
         for _ in range(warmup):
             ids, _nonce = builder.build(input_len)
