@@ -225,7 +225,10 @@ def _bench_runs(records: Sequence[dict]) -> dict[str, list[dict]]:
     """M2.1-width engine records (bench, synthetic checkpoint) by the commit that made them: a run."""
     runs: dict[str, list[dict]] = {}
     for r in results.filter_records(records, kind="bench"):
-        if rfield(r, "env.model_layers") and rfield(r, "env.server_kt_num_gpu_experts") is not None:
+        # the synthetic checkpoint's revision names its base model: the tiny's records (4 layers, 4
+        # GPU experts through the same engine) must not pass for M2.1-width ones
+        width = str(rfield(r, "env.model_revision") or "").startswith("synthetic minimax-m2.1")
+        if width and rfield(r, "env.model_layers") and rfield(r, "env.server_kt_num_gpu_experts") is not None:
             runs.setdefault(str(rfield(r, "env.git_sha")), []).append(r)
     return runs
 
