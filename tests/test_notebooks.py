@@ -6,6 +6,10 @@
   cell fails the run), leaves no server behind, and builds the site with `mkdocs build --strict`.
 - The built site, served on 127.0.0.1, renders in headless Chromium with each notebook's executed
   outputs (a chart, the environment stamp) on its page; screenshots go to build/screenshots/.
+- Every table of those pages is in sight at a laptop's and a phone's width: none cut by a clipping
+  box, none past the text column, none hiding columns behind a scrollbar when its words could fit
+  side by side (tests/chromium.py measures them; a control page and the site without
+  docs/stylesheets/tables.css show the measure catches each case).
 
 The end-to-end run takes about 2 minutes on 2 cores. To check an existing `make tutorial` build
 instead of running another, set KTUTORIAL_TUTORIAL_BUILD=build (it must be newer than the sources).
