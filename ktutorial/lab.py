@@ -15,6 +15,7 @@ outlives it is killed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -23,9 +24,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import httpx
 import psutil
@@ -42,7 +43,7 @@ STOP_GRACE_S = 30.0  # JupyterLab asks each kernel to shut down, waits, then kil
 SESSION_ENV = "KTUTORIAL_LAB_SESSION"
 
 
-def state_dir(root: Optional[Path] = None) -> Path:
+def state_dir(root: Path | None = None) -> Path:
     """build/lab/: JupyterLab's checkpoints, outside notebooks/."""
     return (root or repo_root()) / BUILD_DIR / "lab"
 
@@ -75,7 +76,7 @@ class Lab:
     port: int
     token: str
     session: str
-    log_path: Optional[Path] = None
+    log_path: Path | None = None
     stopped_servers: list[dict] = field(default_factory=list)
 
     @property
@@ -118,7 +119,7 @@ class Lab:
         return killed
 
 
-def _session_of(pid: int) -> Optional[str]:
+def _session_of(pid: int) -> str | None:
     """The JupyterLab session whose kernel started process `pid` (the environment marks it)."""
     try:
         return psutil.Process(pid).environ().get(SESSION_ENV)
@@ -146,18 +147,18 @@ def _runtime_dir(env: dict) -> Path:
             os.environ["JUPYTER_RUNTIME_DIR"] = saved
 
 
-def _tail(path: Optional[Path], lines: int = 20) -> str:
+def _tail(path: Path | None, lines: int = 20) -> str:
     if path is None or not path.is_file():
         return "(its output went to the terminal above)"
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def start(
-    port: Optional[int] = None,
+    port: int | None = None,
     open_browser: bool = False,
-    log_path: Optional[Path] = None,
-    env: Optional[dict] = None,
-    root: Optional[Path] = None,
+    log_path: Path | None = None,
+    env: dict | None = None,
+    root: Path | None = None,
     timeout_s: float = READY_TIMEOUT_S,
 ) -> Lab:
     """Start JupyterLab on notebooks/ and wait until its API answers. `port`: the one asked (a busy
@@ -178,14 +179,10 @@ def start(
     (lab_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     session = secrets.token_hex(8)
     env = {**(os.environ if env is None else env), SESSION_ENV: session}
-    out = open(log_path, "ab") if log_path else None
-    try:
+    with open(log_path, "ab") if log_path else contextlib.nullcontext() as out:
         proc = subprocess.Popen(command(port, root / "notebooks", lab_dir, open_browser), stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT if out else None, env=env,
                                 start_new_session=True)  # Ctrl-C in the terminal reaches ktutorial, which stops it
-    finally:
-        if out:
-            out.close()
     info_file = _runtime_file(proc.pid, _runtime_dir(env))
     deadline = time.monotonic() + timeout_s
     lab = None
@@ -218,7 +215,7 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(port: Optional[int] = None, open_browser: bool = True, say: Callable[[str], None] = print) -> Lab:
+def run(port: int | None = None, open_browser: bool = True, say: Callable[[str], None] = print) -> Lab:
     """`ktutorial lab`: start JupyterLab, print its URL, wait for Ctrl-C (or SIGTERM), stop it."""
     lab = start(port=port, open_browser=open_browser)
     previous = signal.signal(signal.SIGTERM, _interrupt)

@@ -45,7 +45,7 @@ def run(*args: str, budget_ms: int = 5000) -> subprocess.CompletedProcess:
             try:
                 return subprocess.run([exe, *FLAGS, f"--user-data-dir={profile_dir}",
                                        f"--virtual-time-budget={budget_ms}", *args],
-                                      capture_output=True, text=True, timeout=90)
+                                      check=False, capture_output=True, text=True, timeout=90)
             except subprocess.TimeoutExpired:
                 if attempt == 2:
                     raise
@@ -181,7 +181,7 @@ def clipped_tables(base_url: str, page: str, width_px: int, without: tuple[str, 
     of their href) to leave out, to measure a page as it was before a fix."""
     query = urllib.parse.urlencode({"page": page, "width": width_px, "without": ",".join(without)})
     dom = dump_dom(f"{base_url}{PROBE_PATH}?{query}", budget_ms=10000, window=f"{width_px + 40},2000")
-    found = re.search(r'<pre id="ktutorial-clipped">(.*?)</pre>', dom, re.S)
+    found = re.search(r'<pre id="ktutorial-clipped">(.*?)</pre>', dom, re.DOTALL)
     assert found, f"the probe measured nothing on {page} (did the page load?)"
     return json.loads(found.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">")
                       .replace("&amp;", "&"))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import queue
 import re
@@ -29,12 +28,12 @@ import threading
 import time
 from pathlib import Path
 
+import chromium  # tests/chromium.py
 import httpx
 import nbformat
 import psutil
 import pytest
 
-import chromium  # tests/chromium.py
 from ktutorial import lab
 from ktutorial import notebooks as nbmod
 from ktutorial.layout import BUILD_DIR
@@ -167,7 +166,7 @@ def test_every_notebook_runs_by_hand_from_its_folder():
 # ---- JupyterLab, as `make lab` starts it -------------------------------------------------------
 
 
-def _read_lines(stream, lines: "queue.Queue[str]") -> None:
+def _read_lines(stream, lines: queue.Queue[str]) -> None:
     for line in stream:
         lines.put(line)
 
@@ -179,10 +178,10 @@ def test_make_lab_serves_the_notebooks_to_a_browser_and_stops_clean(tmp_path):
     env = {**os.environ, **jupyter_dirs, "PYTHONUNBUFFERED": "1"}
     snapshot, status = _snapshot(NB_DIR), _git_status(NB_DIR)
     stored = (NB_DIR / "00_check_and_plan.ipynb").read_bytes()
-    log = open(tmp_path / "jupyter.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "ktutorial", "lab", "--no-browser"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=log, text=True)
-    lines: "queue.Queue[str]" = queue.Queue()
+    with open(tmp_path / "jupyter.log", "wb") as log:  # the child keeps its own copy
+        proc = subprocess.Popen([sys.executable, "-m", "ktutorial", "lab", "--no-browser"], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=log, text=True)
+    lines: queue.Queue[str] = queue.Queue()
     session = None
     threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
     url = None
@@ -224,17 +223,14 @@ def test_make_lab_serves_the_notebooks_to_a_browser_and_stops_clean(tmp_path):
         jupyter = psutil.Process(proc.pid).children()[0]
         session = jupyter.environ()[lab.SESSION_ENV]
         served = subprocess.run(
-            [sys.executable, "-c", "from ktutorial import profiles, server; "
-             "print(server.serve(profiles.load_profile('tiny'), detach=True).pid)"],
-            env={**env, lab.SESSION_ENV: session}, capture_output=True, text=True, timeout=300)
+            [sys.executable, "-c", ("from ktutorial import profiles, server; "
+                                    "print(server.serve(profiles.load_profile('tiny'), detach=True).pid)")],
+            check=False, env={**env, lab.SESSION_ENV: session}, capture_output=True, text=True, timeout=300)
         assert served.returncode == 0, served.stderr[-1500:]
         assert _marked(lab.SESSION_ENV, session), "the served model carries no session mark"
     finally:
         proc.send_signal(signal.SIGTERM)  # what Ctrl-C or make's end does
-        try:
-            proc.wait(timeout=lab.STOP_GRACE_S + 30)
-        finally:
-            log.close()
+        proc.wait(timeout=lab.STOP_GRACE_S + 30)
         if (NB_DIR / "00_check_and_plan.ipynb").read_bytes() != stored:
             (NB_DIR / "00_check_and_plan.ipynb").write_bytes(stored)  # leave the checkout as found
     output = "".join(lines.queue)

@@ -22,10 +22,10 @@ import os
 import re
 from pathlib import Path
 
+import chromium  # tests/chromium.py
 import psutil
 import pytest
 
-import chromium  # tests/chromium.py
 from ktutorial import notebooks as nbmod
 
 REPO = Path(__file__).resolve().parents[1]
