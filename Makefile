@@ -14,7 +14,7 @@ OUT ?= build
 TOOLS ?= .tools
 export PATH := $(CURDIR)/$(TOOLS)/node_modules/.bin:$(PATH)
 
-.PHONY: setup tutorial test selftest docs clean sglang-parser-env tools
+.PHONY: setup tutorial test selftest docs lab clean sglang-parser-env tools
 
 $(BIN)/ktutorial: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(BIN)/ktutorial: pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
 	# --no-deps: skips kt-kernel's torch==2.9.1 pin; its runtime needs are in pyproject.
 	$(BIN)/python -m pip install -q --no-deps "$(KT_KERNEL_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[docs,test]"
+	$(BIN)/python -m pip install -q -e ".[docs,test,lab]"
 	touch $@
 
 setup: $(BIN)/ktutorial
@@ -35,6 +35,11 @@ tutorial: setup tools sglang-parser-env
 # The site only, from the notebooks `make tutorial` executed into $(OUT)/notebooks.
 docs: setup
 	$(BIN)/ktutorial docs --out $(OUT)
+
+# The notebooks by hand: JupyterLab on 127.0.0.1 with notebooks/ as its folder, on their default
+# parameters (the tiny profile); prints its URL with the token. Ctrl-C stops it and what it started.
+lab: setup tools sglang-parser-env
+	$(BIN)/ktutorial lab
 
 selftest: setup
 	$(BIN)/ktutorial selftest

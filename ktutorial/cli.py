@@ -1200,6 +1200,19 @@ def docs_cmd(
     console.print(f"site: {site}/ (serve it: python -m http.server -d {site} 8000)", highlight=False, soft_wrap=True)
 
 
+@app.command("lab")
+def lab_cmd(
+    port: Optional[int] = typer.Option(None, "--port", help="Port on 127.0.0.1 (default: 8888 when free, else a free one)."),
+    browser: bool = typer.Option(True, "--browser/--no-browser", help="Open the URL in this machine's browser."),
+) -> None:
+    """Open the tutorial in JupyterLab on 127.0.0.1 (notebooks/, their default parameters: the tiny
+    profile) and print its URL with the token. Run each notebook by hand, top to bottom; Ctrl-C
+    stops JupyterLab, its kernels and the model servers the notebooks started."""
+    from ktutorial import lab
+
+    lab.run(port=port, open_browser=browser, say=lambda line: console.print(line, highlight=False, soft_wrap=True))
+
+
 # ==== end section: tutorial =================================================================
 
 

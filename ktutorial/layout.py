@@ -19,6 +19,9 @@ NOTEBOOKS = [
     "06_llamacpp_comparison",
     "07_inside_kt",
 ]
+# The checkout's output folder. Run by hand from notebooks/, the notebooks write into it
+# (their `out_dir` is "../build"); `make tutorial` and `make lab` use it too.
+BUILD_DIR = "build"
 # Sub-folders of the output folder the notebooks write into.
 RECORDS_DIR, FIGURES_DIR, NOTEBOOKS_DIR = "records", "figures", "notebooks"
 

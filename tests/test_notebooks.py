@@ -6,6 +6,10 @@
   cell fails the run), leaves no server behind, and builds the site with `mkdocs build --strict`.
 - The built site, served on 127.0.0.1, renders in headless Chromium with each notebook's executed
   outputs (a chart, the environment stamp) on its page; screenshots go to build/screenshots/.
+- Every table of those pages is in sight at a laptop's and a phone's width: none cut by a clipping
+  box, none past the text column, none hiding columns behind a scrollbar when its words could fit
+  side by side (tests/chromium.py measures them; a control page and the site without
+  docs/stylesheets/tables.css show the measure catches each case).
 
 The end-to-end run takes about 2 minutes on 2 cores. To check an existing `make tutorial` build
 instead of running another, set KTUTORIAL_TUTORIAL_BUILD=build (it must be newer than the sources).
@@ -13,17 +17,12 @@ instead of running another, set KTUTORIAL_TUTORIAL_BUILD=build (it must be newer
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import os
 import re
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
+import chromium  # tests/chromium.py
 import psutil
 import pytest
 
@@ -34,8 +33,8 @@ from ktutorial.layout import NOTEBOOKS, repo_root
 REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
 SCREENSHOTS = REPO / "build" / "screenshots"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+# Where tables are measured: a laptop's screen and a phone's (tests/chromium.py, PROBE_SCRIPT).
+TABLE_WIDTHS_PX = (1280, 400)
 
 
 def _stored(name: str) -> dict:
@@ -266,54 +265,27 @@ def test_tutorial_wrote_records_and_figures(tutorial_build):
     assert {"plan_memory.png", "gpu_experts_tradeoff.png", "token_times.png", "hybrid_gpu_experts.png"} <= figures
 
 
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    pytest.fail("headless Chromium is needed to check the site: apt-get install chromium (.ci/run does)")
-
-
 @pytest.fixture(scope="module")
 def site_url(tutorial_build):
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    handler = functools.partial(Quiet, directory=str(tutorial_build / "site"))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with chromium.serve(tutorial_build / "site") as url:
+        yield url
 
 
 def _browse(url: str, screenshot: Path) -> str:
     """The page's DOM after its scripts ran, and a screenshot of its top, from headless Chromium."""
-    exe = _chromium()
     screenshot.parent.mkdir(parents=True, exist_ok=True)
-    def chromium(*args: str) -> subprocess.CompletedProcess:
-        # A headless Chromium now and then never exits on a loaded 2-core machine (seen once in a
-        # CI run, 120 s on a page that renders in 2): a fresh profile and one more try, then fail.
-        for attempt in (1, 2):
-            with tempfile.TemporaryDirectory(prefix="ktutorial-chromium-") as profile_dir:
-                try:
-                    return subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile_dir}",
-                                           "--virtual-time-budget=5000", *args],
-                                          capture_output=True, text=True, timeout=90)
-                except subprocess.TimeoutExpired:
-                    if attempt == 2:
-                        raise
-        raise AssertionError("unreachable")
-
-    shot = chromium("--window-size=1280,2400", f"--screenshot={screenshot}", url)
+    shot = chromium.run("--window-size=1280,2400", f"--screenshot={screenshot}", url)
     assert shot.returncode == 0 and screenshot.is_file(), shot.stderr[-800:]
-    dom = chromium("--dump-dom", url)
-    assert dom.returncode == 0, dom.stderr[-800:]
+    dom = chromium.dump_dom(url)
     # The page as a reader sees it: the theme's inline styles and scripts name "stderr" and
     # "Traceback" themselves, so they are left out of what is searched.
-    return re.sub(r"<style.*?</style>|<script.*?</script>", "", dom.stdout, flags=re.S)
+    return re.sub(r"<style.*?</style>|<script.*?</script>", "", dom, flags=re.S)
+
+
+def _assert_tables_in_sight(site_url: str, page: str) -> None:
+    for width in TABLE_WIDTHS_PX:
+        got = chromium.clipped_tables(site_url, page, width)
+        assert got["clipped"] == [], f"{page} at {width} px: tables cut or hidden: {got['clipped']}"
 
 
 @pytest.mark.slow
@@ -328,6 +300,7 @@ def test_site_page_renders_the_executed_outputs_in_chromium(site_url, name):
     assert "jp-RenderedMarkdown" in dom, f"{name}: no rendered markdown output"
     assert "Traceback" not in dom and not re.search(r'<div[^>]*data-mime-type="application/vnd.jupyter.stderr"', dom), \
         f"{name}: an error or stderr output on the page"
+    _assert_tables_in_sight(site_url, f"/notebooks/{name}/")
 
 
 @pytest.mark.slow
@@ -345,3 +318,42 @@ def test_site_home_results_and_reference_render(site_url, page, must_show):
     dom = _browse(f"{site_url}/{page}", SCREENSHOTS / f"page-{page.strip('/').replace('/', '-') or 'home'}.png")
     assert must_show in dom
     assert not re.search(r'(src|href)="https?://(?!127\.0\.0\.1)[^"]+\.(js|css|woff2?)"', dom), "a page loads from the network"
+    _assert_tables_in_sight(site_url, f"/{page}")
+
+
+@pytest.mark.slow
+def test_site_tables_were_cut_without_the_tables_stylesheet(site_url):
+    """The negative control on the real site: measured without docs/stylesheets/tables.css, wide
+    tables whose words fit the column side by side hide columns behind a scrollbar at a laptop's
+    width (the theme holds each header cell at 5rem at the least)."""
+    for page, header in (("/notebooks/05_claude_code/", "what Claude Code sends | works | seen | fix"),
+                         ("/notebooks/07_inside_kt/", "routing | tokens | GPU experts")):
+        before = chromium.clipped_tables(site_url, page, 1280, without=("stylesheets/tables.css",))
+        assert any(c["header"].startswith(header) and "could wrap to fit" in c["problem"] for c in before["clipped"]), \
+            f"{page}: the probe saw no cut table without the fix: {before}"
+        assert chromium.clipped_tables(site_url, page, 1280)["clipped"] == []
+
+
+# One page, four tables: each of the probe's verdicts, and a table it must leave alone.
+PROBE_CONTROL_PAGE = """<!doctype html><html><head><style>
+  body { margin: 0; } article { width: 500px; }
+  td { padding: 4px; } .nowrap td { white-space: nowrap; }
+</style></head><body><article>
+<div style="overflow: hidden; width: 300px"><table class="nowrap"><tr><td>clipped</td><td>{words}</td></tr></table></div>
+<table class="nowrap"><tr><td>past</td><td>{words}</td></tr></table>
+<div style="overflow-x: auto"><table class="nowrap"><tr><td>scrolled</td><td>{words}</td></tr></table></div>
+<div style="overflow-x: auto"><table><tr><td>unbreakable</td><td>{long_word}</td></tr></table></div>
+</article></body></html>"""
+
+
+def test_table_probe_catches_cut_tables_and_leaves_scrolling_ones(tmp_path):
+    page = PROBE_CONTROL_PAGE.replace("{words}", "a wide cell of words " * 12).replace("{long_word}", "x" * 200)
+    (tmp_path / "control.html").write_text(page)
+    with chromium.serve(tmp_path) as url:
+        got = chromium.clipped_tables(url, "/control.html", 800)
+    assert got["tables"] == 4
+    problems = {c["table"]: c["problem"] for c in got["clipped"]}
+    assert problems[0].startswith("cut at the edge of <div"), problems
+    assert problems[1].startswith("wider than the content area with nothing to scroll it"), problems
+    assert problems[2].startswith("hidden behind a scrollbar though it could wrap to fit"), problems
+    assert 3 not in problems, "a table whose one word is wider than the page can only scroll"
