@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ktutorial import __version__, ccproxy, client, load, perfmodel, published_launch, results, server, tune, tutorial
+from ktutorial import __version__, ccproxy, client, lab, load, perfmodel, published_launch, results, server, tune, tutorial
 from ktutorial import bench as benchmod
 from ktutorial import claude_code as cc
 from ktutorial import download as dl
@@ -1208,8 +1208,6 @@ def lab_cmd(
     """Open the tutorial in JupyterLab on 127.0.0.1 (notebooks/, their default parameters: the tiny
     profile) and print its URL with the token. Run each notebook by hand, top to bottom; Ctrl-C
     stops JupyterLab, its kernels and the model servers the notebooks started."""
-    from ktutorial import lab
-
     lab.run(port=port, open_browser=browser, say=lambda line: console.print(line, highlight=False, soft_wrap=True))
 
 

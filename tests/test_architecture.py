@@ -33,6 +33,7 @@ DEFERRED_OK = {
     "sglang": "optional: sglang-kt is installed on the GPU host only, and its import chain needs CUDA "
               "(the GPU half of the hybrid layer, SGLang's own placement masks)",
     "matplotlib": "about 1 s at import: plots.py imports it at its top; only hybrid's own chart defers it",
+    "jupyter_core": "optional: the lab extra; only `ktutorial lab` reads Jupyter's runtime folder",
 }
 # ktutorial modules the CLI imports inside a command, and why (the CLI's start-up stays short).
 CLI_DEFERRED_OK = {
