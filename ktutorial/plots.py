@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ktutorial import results  # noqa: E402
+from ktutorial import perfmodel, results  # noqa: E402
 from ktutorial.results import field  # noqa: E402
 
 DPI = 120
@@ -483,6 +483,15 @@ def memory_breakdown(memory: Any, out_dir: Path, title: str = "planned memory") 
 
 
 # ---- performance model -----------------------------------------------------------------------
+
+
+def published_prediction(records: Sequence[dict], out_dir: Path) -> Figures:
+    """perfmodel_vs_published for the model fitted on `records` (none without M2.1-width records)."""
+    try:
+        rows = perfmodel.published_comparison(records)
+    except perfmodel.FitError:
+        return Figures()
+    return perfmodel_vs_published(rows, out_dir)
 
 
 def perfmodel_vs_published(rows: Sequence[dict], out_dir: Path) -> list[Path]:

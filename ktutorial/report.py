@@ -333,10 +333,57 @@ def engine_log_table(records: Sequence[dict]) -> str:
                 "the line it rests on"], rows)
 
 
+def published_prediction(records: Sequence[dict]) -> Markdown:
+    """The performance model fitted on the GPU host's records against the published table, with
+    its constants, what each miss comes from, the engine by --kt-cpuinfer and the model on another run."""
+    md, _ = perfmodel.report_section(records)
+    return Markdown(md or "No GPU-host records at MiniMax-M2.1's width to fit the model on: "
+                          f"`{perfmodel.SYNTH_COMMAND}` makes them.")
+
+
 def orphan_table(records: Sequence[dict]) -> str:
     rows = [[r["params"]["after"], r["params"]["profile"], r["metrics"]["processes_left"], r["time_utc"]]
             for r in records if r["kind"] == "orphan_check"]
     return _md(["after", "profile", "SGLang processes left", "when"], rows) if rows else ""
+
+
+def _short_diagnosis(text: str) -> str:
+    """A failed probe's error, without the URL before it: the engine's first sentence and
+    ktutorial's explanation in brackets (the pool size), which is what a reader needs."""
+    text = text.split(": ", 1)[1] if text.startswith("http") and ": " in text else text
+    why = text[text.rfind(" ("):] if text.endswith(")") and " (" in text else ""
+    return (text.split(". ")[0] + "." + why)[:300]
+
+
+def tune_table(records: Sequence[dict]) -> str:
+    """`ktutorial tune`'s searches: each boundary, the launch one step past it that failed, and why."""
+    rows = []
+    for r in records:
+        if r["kind"] != "tune_result":
+            continue
+        p, m = r["params"], r["metrics"]
+        gpu = ", ".join(g.get("name", "?") for g in r["env"].get("gpus") or []) or "?"
+        probes = [q for q in records if q["kind"] == "tune_probe" and q["params"].get("tune") == p.get("tune")]
+        rows.append([p["profile"], gpu, ", ".join(p.get("sets") or []) or "-", p["context_tokens"], len(probes),
+                     m["boundary"], f"{m['first_failing']}: {m['first_failing_outcome']}",
+                     md_cell(_short_diagnosis(str(m.get("first_failing_diagnosis") or ""))),
+                     f"{m.get('chunked_prefill_size')} ({m.get('chunk_first_failing')} fails)"])
+    return _md(["profile", "GPU", "--set", "context", "launches", "largest kt-num-gpu-experts", "one more",
+                "why it failed", "chunked-prefill-size"], rows) if rows else ""
+
+
+def placement_table(records: Sequence[dict]) -> str:
+    """`ktutorial placement compare`: the share of held-out expert activations on GPU experts, for
+    uniform against recorded (frequency) placement, through the engine."""
+    rows = [[r["params"]["profile"], r["params"]["strategy"], r["params"]["gpu_experts_per_layer"],
+             f"{100 * r['metrics']['gpu_activation_share']:.1f}%", f"{100 * r['metrics']['oracle_share']:.1f}%",
+             r["metrics"]["activations"], "yes" if r["metrics"].get("masks_match_placement") else "no",
+             "yes" if r["metrics"].get("masks_static") else "no",
+             fmt(r["metrics"].get("decode_tok_s")) if r["metrics"].get("decode_tok_s") is not None else "-"]
+            for r in records if r["kind"] == "placement_share"]
+    return _md(["profile", "placement", "GPU experts a layer", "held-out activations on GPU experts",
+                "best any placement could do", "activations", "engine's masks as placed", "masks static",
+                "decode tok/s"], rows) if rows else ""
 
 
 def engine_vs_kernel_table(records: Sequence[dict]) -> str:
@@ -344,7 +391,8 @@ def engine_vs_kernel_table(records: Sequence[dict]) -> str:
     kt-kernel alone at the same threads, in one run (bench records of a synthetic checkpoint
     beside kt_kernel_moe records). The engine figure includes every per-step cost (scheduler,
     attention, sampling), spread over the layers."""
-    bench = [r for r in results.filter_records(records, kind="bench") if r["env"].get("model_layers")]
+    bench = [r for r in results.filter_records(records, kind="bench") if r["env"].get("model_layers")
+             and str(r["env"].get("model_revision") or "").startswith("synthetic minimax-m2.1")]
     kernel = [r for r in records if r["kind"] == KT_KIND and field(r, "shape") == "m2.1"]
     if not bench or not kernel:
         return ""
@@ -516,7 +564,10 @@ def write_report(
                             ("Claude Code's requests, straight and through ktutorial's proxy",
                              claude_check_table(records)),
                             ("The real engine's logs and ktutorial's diagnosis", engine_log_table(records)),
-                            ("Processes left after a stop", orphan_table(records))):
+                            ("Processes left after a stop", orphan_table(records)),
+                            ("`ktutorial tune`: the largest GPU-expert count that launches and serves the context",
+                             tune_table(records)),
+                            ("Expert placement from recorded traffic, on held-out prompts", placement_table(records))):
         if table_md:
             sections += [f"## {title}", table_md]
     if figures:
@@ -850,6 +901,16 @@ def hybrid_observations(records: Sequence[dict]) -> Markdown:
                              f"the layer takes {fmt(field(r, 'latency_ms'))} ms ({field(r, 'latency_ms') / base - 1:+.0%} "
                              "against CPU only)")
             lines.append(f"- With {n} of {experts} experts on the GPU ({what}): " + "; ".join(parts) + ".")
+    kernel = field(hyb[0], "gpu_kernel")
+    for summ in (r for r in records if r["kind"] == "hybrid_summary" and field(r, "gpu_kernel") == kernel):
+        what = "decode, 1 token" if field(summ, "tokens") == 1 else f"prefill chunk, {field(summ, 'tokens')} tokens"
+        breaks = field(summ, "breaks") or []
+        lines.append(
+            f"- {what}, {field(summ, 'routing')} routing, GPU half by `{kernel}`: latency "
+            + ("falls monotonically in N within its spread" if field(summ, "monotone_within_spread")
+               else f"is not monotone in N ({len(breaks)} pair(s) break it)")
+            + f"; the GPU half runs at {field(summ, 'gpu_over_roofline_min'):.1f}-{field(summ, 'gpu_over_roofline_max'):.1f}x its "
+            f"roofline; layer time over max(GPU, CPU) is at most {field(summ, 'overlap_ratio_max'):.2f}.")
     lines.append("- What decides the gain is the share of routed experts that land on the GPU (its coverage), "
                  "compare the rows above: with skewed routing and the hottest experts placed on the GPU, the same "
                  "count covers far more of the traffic than with uniform random routing.")

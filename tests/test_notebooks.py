@@ -231,10 +231,10 @@ MUST_SHOW = {
     "01_download": ["9 of 9 files already here", "| ok | yes |"],
     "02_launch": ["refused before launch", "sglang-kt's own parser", "accepted the command"],
     "03_requests": ["Hello from the ktutorial tiny model.", "Done: the command ran and printed its output."],
-    "04_tuning_sweeps": [" 0 failed combination(s)."],
+    "04_tuning_sweeps": [" 0 failed combination(s).", "| concurrency |"],
     "05_claude_code": ["12 of 12 parts work", "its answer", "Done: the command ran"],
-    "06_llamacpp_comparison": ["Measured here", "3/3"],
-    "07_inside_kt": ["32/32"],
+    "06_llamacpp_comparison": ["Measured here", "3/3", "predicted / published (error)", "Best through the engine: 14"],
+    "07_inside_kt": ["32/32", "GPU half by `sglang_fused_moe_fp8`: latency falls monotonically"],
 }
 MUST_NOT_SHOW = ["is not installed here", "No sweep records"]
 
@@ -262,7 +262,8 @@ def test_tutorial_wrote_records_and_figures(tutorial_build):
     assert {"bench", "agreement"} <= kinds
     assert all(r["env"].get("ktutorial_version") for r in records)
     figures = {p.name for p in (tutorial_build / "figures").glob("*.png")}
-    assert {"plan_memory.png", "gpu_experts_tradeoff.png", "token_times.png", "hybrid_gpu_experts.png"} <= figures
+    assert {"plan_memory.png", "gpu_experts_tradeoff.png", "token_times.png", "hybrid_gpu_experts.png",
+            "perfmodel_vs_published.png"} <= figures
 
 
 @pytest.fixture(scope="module")
