@@ -713,18 +713,14 @@ def _check_file(report: VerifyReport, root: Path, rel: str, expected: dict | Non
     if expected.get("size") is not None and size != expected["size"]:
         report.add(rel, "size", f"{size} bytes, the hub has {expected['size']}")
         return False
-    if check_sha256 and expected.get("sha256"):
+    # Small files live in git, not lfs: the hub gives their git blob id instead of a sha256.
+    key = "sha256" if expected.get("sha256") else "blob_id" if expected.get("blob_id") else None
+    if check_sha256 and key:
         report.sha256_checked += 1
-        got = sha256_file(path)
-        if got != expected["sha256"]:
-            report.add(rel, "sha256", f"sha256 {got[:16]}..., the hub has {expected['sha256'][:16]}...")
-            return False
-    elif check_sha256 and expected.get("blob_id"):
-        # Small files live in git, not lfs: the hub gives their git blob id instead of a sha256.
-        report.sha256_checked += 1
-        got = git_blob_id(path)
-        if got != expected["blob_id"]:
-            report.add(rel, "sha256", f"git blob id {got[:16]}..., the hub has {expected['blob_id'][:16]}...")
+        got = (sha256_file if key == "sha256" else git_blob_id)(path)
+        if got != expected[key]:
+            name = "sha256" if key == "sha256" else "git blob id"
+            report.add(rel, "sha256", f"{name} {got[:16]}..., the hub has {expected[key][:16]}...")
             return False
     return True
 

@@ -9,29 +9,24 @@ import os
 from pathlib import Path
 
 
-def home() -> Path:
-    root = os.environ.get("KTUTORIAL_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ktutorial"
-    )
-    path = Path(root)
+def _made(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def home() -> Path:
+    return _made(Path(os.environ.get("KTUTORIAL_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ktutorial")))
 
 
 def run_dir() -> Path:
     """Run-state files of servers started by ktutorial (one JSON per server)."""
-    path = home() / "run"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _made(home() / "run")
 
 
 def logs_dir() -> Path:
-    path = home() / "logs"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _made(home() / "logs")
 
 
 def models_dir() -> Path:
-    path = home() / "models"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _made(home() / "models")

@@ -328,7 +328,7 @@ def test_site_tables_were_cut_without_the_tables_stylesheet(site_url):
     tables whose words fit the column side by side hide columns behind a scrollbar at a laptop's
     width (the theme holds each header cell at 5rem at the least)."""
     for page, header in (("/notebooks/05_claude_code/", "what Claude Code sends | works | seen | fix"),
-                         ("/notebooks/07_inside_kt/", "routing | tokens | GPU experts")):
+                         ("/notebooks/07_inside_kt/", "GPU experts / layer | uniform")):
         before = chromium.clipped_tables(site_url, page, 1280, without=("stylesheets/tables.css",))
         assert any(c["header"].startswith(header) and "could wrap to fit" in c["problem"] for c in before["clipped"]), \
             f"{page}: the probe saw no cut table without the fix: {before}"
