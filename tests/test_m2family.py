@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from clirun import run_cli  # tests/clirun.py
 
 from ktutorial import download, published_launch
-from ktutorial.cli import main
 from ktutorial.errors import UserError
 from ktutorial.hardware import GIB
 from ktutorial.plan import Goals, make_plan
@@ -17,15 +17,6 @@ from ktutorial.profiles import load_profile
 from ktutorial.spec import ModelSpec, SpecError, known_model, known_models
 
 M25 = ModelSpec.known("minimax-m2.5")
-
-
-def run_cli(args, capsys):
-    try:
-        rc = main(args)
-    except SystemExit as exc:
-        rc = exc.code
-    out = capsys.readouterr()
-    return rc, out.out, " ".join(out.err.split())
 
 
 # ---- the spec ---------------------------------------------------------------------------------------
@@ -67,7 +58,7 @@ def test_download_of_a_known_model_says_its_revision_is_unpinned(tmp_path, capsy
         raise UserError("hub not reachable (test)")
 
     monkeypatch.setattr(download, "plan_download", offline)
-    rc, out, err = run_cli(["download", "--model", "minimax-m2.5", "--local-dir", str(tmp_path), "--dry-run"], capsys)
+    rc, out, err = run_cli(["download", "--model", "minimax-m2.5", "--local-dir", str(tmp_path), "--dry-run"], capsys, flat_err=True)
     assert rc != 0 and "minimax-m2.5's revision is unpinned ('main'" in err
 
 
@@ -135,7 +126,7 @@ def test_ram_statement_verdicts(parts, stated, verdict):
 
 def test_cli_plan_reproduces_the_published_machine(capsys):
     check = published_launch.check_launch("minimax-m2.5")
-    rc, out, err = run_cli([*check["plan_command"], "--json"], capsys)
+    rc, out, err = run_cli([*check["plan_command"], "--json"], capsys, flat_err=True)
     assert rc == 0, err
     doc = json.loads(out)
     assert doc["model"] == "minimax-m2.5" and doc["verdict"] == "fits"
@@ -149,18 +140,18 @@ def test_cli_plan_reproduces_the_published_machine(capsys):
     # The same machine with the tutorial's 200 GB is refused, with the numbers.
     args = list(check["plan_command"])
     args[args.index("--ram-gb") + 1] = "200"
-    rc, out, err = run_cli(args, capsys)
+    rc, out, err = run_cli(args, capsys, flat_err=True)
     flat = " ".join(out.split())  # rich wraps the plan's lines to the terminal
     assert rc == 1 and "RAM 200 GB < 254 GB needed" in flat and "224.7 GB" in flat
 
 
 def test_cli_published_launch(capsys):
-    rc, out, err = run_cli(["published-launch", "minimax-m2.5"], capsys)
+    rc, out, err = run_cli(["published-launch", "minimax-m2.5"], capsys, flat_err=True)
     assert rc == 0, err
     assert "4x RTX 4090" in out and "fits" in out and "stated RAM 200 GB: wrong" in out
-    rc, out, err = run_cli(["published-launch", "minimax-m2.5-4x4090", "--json"], capsys)
+    rc, out, err = run_cli(["published-launch", "minimax-m2.5-4x4090", "--json"], capsys, flat_err=True)
     assert rc == 0 and json.loads(out)["ram_statement"]["verdict"] == "wrong"
-    rc, out, err = run_cli(["published-launch", "qwen3"], capsys)
+    rc, out, err = run_cli(["published-launch", "qwen3"], capsys, flat_err=True)
     assert rc == 2 and "published launches: minimax-m2.5-4x4090 (minimax-m2.5)" in err
 
 
@@ -208,7 +199,7 @@ def test_other_architectures_are_refused_naming_what_was_found(tmp_path, config,
 
 def test_cli_plan_refuses_another_architecture(tmp_path, capsys):
     folder = write_config(tmp_path / "DeepSeek-V3", DEEPSEEK_V3)
-    rc, out, err = run_cli(["plan", "--model-dir", str(folder), "--gpu", "RTX 4090:24"], capsys)
+    rc, out, err = run_cli(["plan", "--model-dir", str(folder), "--gpu", "RTX 4090:24"], capsys, flat_err=True)
     assert rc == 2
     assert "config.json of 'DeepSeek-V3' is model_type 'deepseek_v3'" in err and "MiniMax-M2 architecture only" in err
 
@@ -241,7 +232,7 @@ def test_cli_plan_reads_any_m2_architecture_folder(tmp_path, capsys):
     assert doc["settings"]["model-path"] == str(folder)
     assert doc["memory"]["host"]["parts_gb"]["experts"] == pytest.approx(20 * 256 * M25.expert_bytes / 1e9, abs=0.01)
     rc, out, err = run_cli(["plan", "--model", "minimax-m2.5", "--model-dir", str(folder), "--gpu", "RTX 4090:24",
-                            "--ram-gb", "128", "--json"], capsys)
+                            "--ram-gb", "128", "--json"], capsys, flat_err=True)
     assert rc == 0 and json.loads(out)["settings"]["served-model-name"] == "MiniMax-M2.5"
 
 
@@ -251,7 +242,7 @@ def test_cli_plan_reads_any_m2_architecture_folder(tmp_path, capsys):
 def test_typod_model_name_lists_the_known_ones(capsys):
     with pytest.raises(SpecError, match=r"unknown model 'minimax-m2\.6' \(did you mean minimax-m2\.5"):
         ModelSpec.known("minimax-m2.6")
-    rc, out, err = run_cli(["plan", "--model", "MiniMax-M25"], capsys)
+    rc, out, err = run_cli(["plan", "--model", "MiniMax-M25"], capsys, flat_err=True)
     assert rc == 2
     assert "unknown model 'MiniMax-M25' (did you mean minimax-m2.5" in err
     assert "known models: minimax-m2.1, minimax-m2.5, tiny" in err

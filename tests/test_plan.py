@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from clirun import run_cli  # tests/clirun.py
 
 from ktutorial import plan as planning
-from ktutorial.cli import main
 from ktutorial.errors import UserError
 from ktutorial.hardware import Hardware
 from ktutorial.plan import Goals, make_plan, published_runs_comparison
@@ -248,15 +248,6 @@ def test_plan_is_pure(monkeypatch):
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
-
-
-def run_cli(args, capsys):
-    try:
-        rc = main(args)
-    except SystemExit as exc:
-        rc = exc.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 FIVE_2X = ["--gpu", "RTX 5090:32", "--gpus", "2", "--ram-gb", "1024", "--cpu-cores", "64", "--logical-cpus",
