@@ -238,18 +238,22 @@ def _key(r: dict) -> tuple[int, int, int]:
             int(rfield(r, "env.server_kt_num_gpu_experts")))
 
 
+def _spread(recs: Sequence[dict], by: tuple[int, ...], vary: int) -> dict[tuple[int, ...], set[int]]:
+    """Over (layers, threads, GPU experts) of each record: for each value of the `by` positions, the
+    values the `vary` position took."""
+    out: dict[tuple[int, ...], set[int]] = {}
+    for r in recs:
+        key = _key(r)
+        out.setdefault(tuple(key[i] for i in by), set()).add(key[vary])
+    return out
+
+
 def _depth_run(runs: dict[str, list[dict]]) -> Optional[tuple[str, int, int]]:
     """(run, threads, GPU experts) of the newest run that measured one setting at two depths or more:
     the pair that splits a decoded token into per-step and per-layer time."""
-    found = []
-    for sha, recs in runs.items():
-        depths: dict[tuple[int, int], set[int]] = {}
-        for r in recs:
-            layers, threads, n = _key(r)
-            depths.setdefault((threads, n), set()).add(layers)
-        for (threads, n), ls in depths.items():
-            if len(ls) >= 2:
-                found.append((max(rfield(r, "time_utc") or "" for r in recs), sha, threads, n))
+    found = [(max(rfield(r, "time_utc") or "" for r in recs), sha, threads, n)
+             for sha, recs in runs.items()
+             for (threads, n), depths in _spread(recs, (1, 2), 0).items() if len(depths) >= 2]
     return max(found)[1:] if found else None
 
 
@@ -257,11 +261,7 @@ def _sweep_run(runs: dict[str, list[dict]]) -> tuple[str, int, int]:
     """(run, layers, threads) with the most GPU-expert counts at one depth and thread count."""
     best = None
     for sha, recs in runs.items():
-        counts: dict[tuple[int, int], set[int]] = {}
-        for r in recs:
-            layers, threads, n = _key(r)
-            counts.setdefault((layers, threads), set()).add(n)
-        for (layers, threads), ns in counts.items():
+        for (layers, threads), ns in _spread(recs, (0, 1), 2).items():
             cand = (len(ns), sha, layers, threads)
             best = cand if best is None or cand[0] > best[0] else best
     assert best is not None
